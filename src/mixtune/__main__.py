@@ -1,0 +1,3 @@
+from mixtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The `mixtune` command: one function per subcommand, parsing only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from mixtune.errors import MixtuneError
+
+log = logging.getLogger("mixtune")
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from mixtune.config import load_config, parse_overrides
+    from mixtune.train.run import train
+
+    config = load_config(args.config, parse_overrides(extra))
+    metrics = train(config)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    return 0
+
+
+def cmd_make_tiny_model(args, extra) -> int:
+    from mixtune.models.registry import get_family
+
+    path = get_family(args.family).build_tiny(args.output_dir)
+    print(f"tiny {args.family} checkpoint written to {path}")
+    return 0
+
+
+def cmd_make_demo_data(args, extra) -> int:
+    from mixtune.tools.demo_data import make_demo_data
+
+    counts = make_demo_data(args.output_dir, seed=args.seed)
+    print(f"demo data written to {args.output_dir}: {counts}")
+    return 0
+
+
+def cmd_demo(args, extra) -> int:
+    from mixtune.config import parse_overrides
+    from mixtune.tools.demo import run_demo
+
+    report = run_demo(args.family, args.output_dir, parse_overrides(extra))
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtune", description="Fine-tune multimodal models from one config.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune from a JSON or YAML config; --key value overrides any key")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a model family")
+    p.add_argument("--family", default="qwen2_vl")
+    p.add_argument("--output_dir", required=True)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("make-demo-data", help="draw the synthetic VQA + caption demo set")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("demo", help="tiny model + demo data + fine-tune + accuracy before and after")
+    p.add_argument("--family", default="qwen2_vl")
+    p.add_argument("--output_dir", default="runs/demo")
+    p.set_defaults(func=cmd_demo, extra_ok=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "extra_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except MixtuneError as e:
+        print(f"mixtune: error: {e}", file=sys.stderr)
+        return 2

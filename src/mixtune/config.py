@@ -1,0 +1,290 @@
+"""The one config schema: the seed's keys, every `TrainingArguments` field, and PaddleNLP aliases.
+
+`load_config(path, overrides)` reads JSON or YAML, applies `--key value` overrides, checks every key and
+type, and returns a `Config` holding mixtune's own settings and a ready `TrainingArguments`. Unknown keys
+fail with the closest valid name; keys for features mixtune has not built fail as "not supported yet".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixtune.errors import ConfigError, NotSupportedYet
+
+
+@dataclass
+class MixtuneArgs:
+    """mixtune's own keys (the seed's config table, beside TrainingArguments)."""
+
+    model_name_or_path: str = field(default="", metadata={"help": "local checkpoint folder or hub id"})
+    dataset: dict = field(default_factory=dict, metadata={"help": '{"train": [entries], "eval": [entries]}'})
+    freeze_include: list[str] | None = field(default=None, metadata={
+        "help": "fnmatch globs of parameter names to freeze, e.g. ['*visual*']"})
+    freeze_exclude: list[str] | None = field(default=None, metadata={
+        "help": "globs kept trainable even when freeze_include matches them, e.g. ['*visual.merger*']"})
+    mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
+    max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
+    benchmark: bool = field(default=False, metadata={"help": "log throughput (samples/s, steps/s) at the end of training"})
+    fp16_opt_level: str = field(default="O1", metadata={
+        "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
+    eval_with_do_generation: bool = field(default=False, metadata={"help": "evaluate by generation (not built)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "eager, sdpa or flash_attention_2; default: the model's own choice"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of full weights"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "regexes over full module names; default: the family's language-model projections"})
+    tensor_parallel_degree: int = field(default=1, metadata={"help": "tensor parallel size (only 1 so far)"})
+    pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1 so far)"})
+    sharding_parallel_degree: int = field(default=1, metadata={"help": "ZeRO sharding group size (only 1 so far)"})
+    sharding: str = field(default="", metadata={"help": "ZeRO stage: stage1, stage2 (not built yet)"})
+
+
+# PaddleNLP / PaddleMIX names -> (our key, value transform). A PaddleMIX config should run unchanged.
+ALIASES: dict[str, tuple[str, Any]] = {
+    "evaluation_strategy": ("eval_strategy", None),
+    # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio of all steps
+    "warmup_ratio": ("warmup_steps", None),
+    "recompute": ("activation_checkpointing", None),
+    "use_flash_attention": ("attn_implementation", lambda v: "flash_attention_2" if v else None),
+    "group_by_modality_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
+}
+
+# PaddleNLP keys whose job our stack already does; accepted so PaddleMIX configs run, and logged.
+NO_OP_KEYS = {
+    "unified_checkpoint": "checkpoints are always saved in transformers' safetensors format",
+    "amp_master_grad": "mixed precision always keeps fp32 master weights",
+    "scale_loss": "fp16 loss scaling is dynamic (torch.amp.GradScaler)",
+}
+
+# TrainingArguments fields mixtune sets itself.
+MANAGED = {"remove_unused_columns": False}
+TRAINING_DEFAULTS = {"report_to": "none", "logging_steps": 10, "save_strategy": "epoch",
+                     "output_dir": "output", "save_only_model": False}
+
+
+@dataclass
+class Config:
+    mix: MixtuneArgs
+    training: Any  # transformers.TrainingArguments
+    overwrite_output_dir: bool = False
+    base_dir: str = "."  # the config file's folder: relative data paths resolve against it
+    notes: list[str] = field(default_factory=list)  # what was mapped or has no effect, for the log
+
+
+def _training_fields() -> dict[str, dataclasses.Field]:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def valid_keys() -> set[str]:
+    return ({f.name for f in dataclasses.fields(MixtuneArgs)} | set(_training_fields()) | set(ALIASES)
+            | set(NO_OP_KEYS) | {"overwrite_output_dir"})
+
+
+def read_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {e.lineno} column {e.colno}: malformed JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--key value` pairs from the command line; values parse as JSON when they can (1e-4, true, [..])."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                value = "true"  # a bare flag
+            else:
+                i += 1
+                value = args[i]
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        i += 1
+    return out
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's type annotation; convert only where it is lossless."""
+    members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError("must not be null", key=key)
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    if enums and isinstance(value, str):  # "str | SomeEnum" still means one of the enum's values
+        choices = [e.value for m in enums for e in m]
+        if value not in choices:
+            raise ConfigError(f"expected one of {choices}, got {value!r}", key=key)
+        return value
+    errors = []
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if member is type(None):
+            continue
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+        elif origin is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif origin is str:
+            if isinstance(value, str):
+                return value
+        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+            choices = [e.value for e in origin]
+            if isinstance(value, str) and value in choices:
+                return value
+            if isinstance(value, origin):
+                return value
+            errors.append(f"one of {choices}")
+            continue
+        elif origin is list:
+            if isinstance(value, list):
+                return value
+        elif origin is dict:
+            if isinstance(value, dict):
+                return value
+        elif origin is typing.Any:
+            return value
+        errors.append(getattr(origin, "__name__", str(origin)))
+    raise ConfigError(f"expected {' or '.join(dict.fromkeys(errors))}, got {value!r} ({type(value).__name__})",
+                      key=key)
+
+
+def suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(valid_keys()), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def build_config(raw: dict, base_dir: str = ".") -> Config:
+    raw = dict(raw)
+    notes: list[str] = []
+    for old, (new, transform) in ALIASES.items():
+        if old in raw:
+            value = raw.pop(old)
+            if new in raw:
+                raise ConfigError(f"given together with its alias '{old}'; keep one", key=new)
+            raw[new] = transform(value) if transform else value
+            notes.append(f"'{old}' read as '{new}' = {raw[new]!r}")
+    for key, why in NO_OP_KEYS.items():
+        if key in raw:
+            raw.pop(key)
+            notes.append(f"'{key}' has no effect: {why}")
+    overwrite = raw.pop("overwrite_output_dir", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"expected bool, got {overwrite!r}", key="overwrite_output_dir")
+
+    mix_types = typing.get_type_hints(MixtuneArgs)
+    train_fields = _training_fields()
+    mix_kwargs, train_kwargs = {}, dict(TRAINING_DEFAULTS)
+    for key, value in raw.items():
+        if key in mix_types:
+            mix_kwargs[key] = coerce(value, mix_types[key], key)
+        elif key in train_fields:
+            if key in MANAGED and value != MANAGED[key]:
+                raise NotSupportedYet(key, f"{key}={value!r} (mixtune's collator builds the model inputs itself)")
+            train_kwargs[key] = coerce(value, train_fields[key].type, key)
+        else:
+            raise ConfigError(f"unknown key '{key}'{suggest(key)}", key=key)
+    mix = MixtuneArgs(**mix_kwargs)
+    check_mixtune_args(mix, notes)
+    train_kwargs.update(MANAGED)
+    if mix.device == "cpu":
+        train_kwargs["use_cpu"] = True
+    if mix.fp16_opt_level == "O2" and (train_kwargs.get("bf16") or train_kwargs.get("fp16")):
+        notes.append("fp16_opt_level O2: mixtune keeps fp32 master weights and autocasts (O1 semantics)")
+    for key in ("output_dir", "logging_dir"):
+        if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
+            train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
+    from transformers import TrainingArguments
+
+    try:
+        training = TrainingArguments(**train_kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid training arguments: {e}") from None
+    return Config(mix=mix, training=training, overwrite_output_dir=overwrite, base_dir=base_dir, notes=notes)
+
+
+def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
+    if not mix.model_name_or_path:
+        raise ConfigError("is required: a checkpoint folder or hub id", key="model_name_or_path")
+    if not isinstance(mix.dataset, dict) or "train" not in mix.dataset:
+        raise ConfigError('must look like {"train": [entries], "eval": [entries]}', key="dataset")
+    unknown = set(mix.dataset) - {"train", "eval"}
+    if unknown:
+        raise ConfigError(f"unknown part(s) {sorted(unknown)}; expected 'train' and 'eval'", key="dataset")
+    if mix.max_length < 1:
+        raise ConfigError("must be positive", key="max_length")
+    if mix.fp16_opt_level not in ("O1", "O2"):
+        raise ConfigError(f"must be 'O1' or 'O2', got {mix.fp16_opt_level!r}", key="fp16_opt_level")
+    if mix.device not in (None, "cpu", "gpu", "cuda"):
+        raise NotSupportedYet("device", f"device '{mix.device}'")
+    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree"):
+        value = getattr(mix, key)
+        if value < 1:
+            raise ConfigError("must be >= 1", key=key)
+        if value > 1:
+            raise NotSupportedYet(key, f"{key}={value}")
+    if mix.sharding:
+        raise NotSupportedYet("sharding", f"sharding '{mix.sharding}'")
+    if mix.eval_with_do_generation:
+        raise NotSupportedYet("eval_with_do_generation", "evaluation by generation during training")
+    if mix.mixtoken:
+        raise NotSupportedYet("mixtoken", "MixToken packing")
+    if mix.lora:
+        raise NotSupportedYet("lora", "LoRA")
+    if mix.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+        raise ConfigError(f"unknown attention implementation {mix.attn_implementation!r}", key="attn_implementation")
+
+
+def load_config(path: str, overrides: dict | None = None) -> Config:
+    raw = read_config_file(path)
+    raw.update(overrides or {})
+    return build_config(raw, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def reference_table() -> str:
+    """Markdown rows for mixtune's own keys, for the README's config reference."""
+    rows = [f"| `{f.name}` | {f.metadata.get('help', '')} |" for f in dataclasses.fields(MixtuneArgs)]
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""The multimodal data pipeline: data file -> Conversation -> Encoded -> batch."""

@@ -1,0 +1,81 @@
+"""Dataset readers, one per `name` in the config's dataset block. Each turns a file into Conversations.
+
+A reader is a function `(entry: DatasetEntry) -> list[Conversation]`, registered with `@register(name)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from mixtune.data.conversation import Conversation
+from mixtune.errors import ConfigError, DataError
+
+READERS: dict[str, Callable] = {}
+
+
+def register(*names: str):
+    def wrap(fn):
+        for name in names:
+            READERS[name] = fn
+        return fn
+    return wrap
+
+
+def get_reader(name: str) -> Callable:
+    _load_builtin_readers()
+    if name not in READERS:
+        raise ConfigError(f"unknown dataset name '{name}'; known: {sorted(READERS)}", key="dataset.name")
+    return READERS[name]
+
+
+def _load_builtin_readers() -> None:
+    from mixtune.data.formats import chatml  # noqa: F401  (registers itself)
+
+
+def expand_data_files(data_files: Any, base_dir: str = ".") -> list[str]:
+    """A path, a glob or a list of them -> existing files, in a stable order."""
+    patterns = data_files if isinstance(data_files, list) else [data_files]
+    files: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"data_files entries must be strings, got {pattern!r}", key="dataset.data_files")
+        path = pattern if os.path.isabs(pattern) else os.path.join(base_dir, pattern)
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise DataError(f"data file not found: {path}", file=path)
+        files.extend(matches)
+    return files
+
+
+def iter_json_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield (index, line, record) from a JSON list file or a JSONL file, with errors naming the line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if path.endswith(".jsonl") or (stripped and stripped[0] == "{" and "\n{" in stripped):
+        index = 0
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON line: {e.msg} (column {e.colno})", file=path, line=line_no,
+                                index=index) from None
+            yield index, line_no, record
+            index += 1
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=e.lineno) from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"expected a JSON list of samples, got {type(data).__name__}", file=path)
+    for index, record in enumerate(data):
+        yield index, None, record

@@ -1,0 +1,65 @@
+"""Maps a checkpoint's own `model_type` to its Family. Adding a family is one file plus one line here."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from mixtune.errors import MixtuneError
+from mixtune.models.family import Family
+
+FAMILY_MODULES = ["qwen2_vl", "llava"]
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def _load() -> dict[str, Family]:
+    if not _FAMILIES:
+        for name in FAMILY_MODULES:
+            family = importlib.import_module(f"mixtune.models.{name}").FAMILY
+            for model_type in family.model_types:
+                _FAMILIES[model_type] = family
+    return _FAMILIES
+
+
+def families() -> list[Family]:
+    seen: dict[str, Family] = {}
+    for fam in _load().values():
+        seen.setdefault(fam.name, fam)
+    return list(seen.values())
+
+
+def get_family(name_or_model_type: str) -> Family:
+    table = _load()
+    if name_or_model_type in table:
+        return table[name_or_model_type]
+    for fam in families():
+        if fam.name == name_or_model_type:
+            return fam
+    raise MixtuneError(f"unsupported model family '{name_or_model_type}'. Supported families: "
+                       f"{', '.join(sorted(table))}")
+
+
+def read_model_type(model_name_or_path: str) -> str:
+    """The checkpoint's `model_type`, read from its config without loading weights."""
+    config_path = os.path.join(model_name_or_path, "config.json")
+    if os.path.isdir(model_name_or_path):
+        if not os.path.exists(config_path):
+            raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+        if not model_type:
+            raise MixtuneError(f"{config_path} has no 'model_type'")
+        return model_type
+    from transformers import AutoConfig  # a hub id: only when the machine is online
+
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path).model_type
+    except Exception as e:
+        raise MixtuneError(f"cannot load a config for '{model_name_or_path}': not a local folder, and the hub "
+                           f"lookup failed ({type(e).__name__}: {e})") from None
+
+
+def family_for_checkpoint(model_name_or_path: str) -> Family:
+    return get_family(read_model_type(model_name_or_path))

@@ -1,0 +1,40 @@
+"""Shared pieces for building tiny random-weight checkpoints (tests and the demo; no hub here).
+
+Each family's `build_tiny` uses the real config, model and processor classes at toy sizes, so the saved
+folder loads through exactly the code path a user's real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Small sizes shared by every tiny language model: fast on 2 CPU cores, still a real architecture.
+TEXT_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+
+# A ChatML template for content-part messages, in the style of Qwen's: `image_markup` is what one
+# image becomes in the text.
+def chatml_template(image_markup: str, default_system: str | None = "You are a helpful assistant.") -> str:
+    system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system + "<|im_end|>\n"
+              "{% endif %}") if default_system else ""
+    return (
+        system +
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_markup +
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def save_checkpoint(model, processor, output_dir: str, seed: int = 0) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def seeded(seed: int = 0):
+    torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Tools around training: tiny checkpoints, demo data, the demo itself."""

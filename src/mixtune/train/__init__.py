@@ -1,0 +1,1 @@
+"""Training: building the model, freezing, and running transformers' Trainer from a Config."""

@@ -1,0 +1,55 @@
+"""`freeze_include` / `freeze_exclude`: fnmatch globs over parameter names (the seed's meaning).
+
+A parameter is frozen when its name matches at least one `freeze_include` glob and no `freeze_exclude`
+glob. So `freeze_include: ["*visual*"], freeze_exclude: ["*visual.merger*"]` freezes the vision tower but
+keeps its merger (the projector) trainable. `freeze_exclude` alone freezes nothing. Globs use Python's
+`fnmatch`: `*` matches any characters, dots included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from fnmatch import fnmatch
+
+from mixtune.errors import ConfigError
+
+log = logging.getLogger("mixtune")
+
+
+def frozen_names(names: list[str], include: list[str] | None, exclude: list[str] | None) -> set[str]:
+    include, exclude = include or [], exclude or []
+    for key, globs in (("freeze_include", include), ("freeze_exclude", exclude)):
+        for glob in globs:
+            if not any(fnmatch(n, glob) for n in names):
+                sample = ", ".join(names[:3] + names[-2:])
+                raise ConfigError(f"glob '{glob}' matches no parameter; parameter names look like: {sample}",
+                                  key=key)
+    return {n for n in names
+            if any(fnmatch(n, g) for g in include) and not any(fnmatch(n, g) for g in exclude)}
+
+
+def apply_freeze(model, include: list[str] | None, exclude: list[str] | None) -> None:
+    if exclude and not include:
+        log.warning("freeze_exclude without freeze_include freezes nothing")
+    names = [n for n, _ in model.named_parameters()]
+    frozen = frozen_names(names, include, exclude)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+
+
+def trainable_summary(model, depth: int = 2) -> str:
+    """'trainable 1.2M of 3.4M parameters (35.3%)' plus a line per module group of `depth` name parts."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        key = ".".join(name.split(".")[:depth])
+        groups[key][1] += param.numel()
+        if param.requires_grad:
+            groups[key][0] += param.numel()
+    trainable = sum(g[0] for g in groups.values())
+    total = sum(g[1] for g in groups.values())
+    lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.1f}%)"]
+    for key, (t, n) in groups.items():
+        lines.append(f"  {key}: {t:,} / {n:,} trainable")
+    return "\n".join(lines)

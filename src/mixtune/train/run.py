@@ -1,0 +1,102 @@
+"""`mixtune train`: config -> model, processor, datasets -> transformers' Trainer -> saved checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from mixtune.config import Config
+from mixtune.data.collate import PadCollator
+from mixtune.data.dataset import build_split
+from mixtune.errors import ConfigError, MixtuneError
+from mixtune.models.registry import family_for_checkpoint
+from mixtune.train.freeze import apply_freeze, trainable_summary
+from mixtune.train.report import plot_loss, write_metrics
+
+log = logging.getLogger("mixtune")
+
+
+def load_model_and_processor(model_name_or_path: str, attn_implementation: str | None = None,
+                             dtype: torch.dtype = torch.float32):
+    import transformers
+
+    family = family_for_checkpoint(model_name_or_path)
+    auto = getattr(transformers, family.auto_class)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
+        model = auto.from_pretrained(model_name_or_path, **kwargs)
+    except OSError as e:
+        raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
+    return family, model, processor
+
+
+def check_output_dir(config: Config) -> None:
+    out = config.training.output_dir
+    resuming = bool(config.training.resume_from_checkpoint)
+    if os.path.isdir(out) and os.listdir(out) and not config.overwrite_output_dir and not resuming:
+        raise ConfigError(f"output folder {out} is not empty; set overwrite_output_dir: true to write into it, "
+                          "or resume_from_checkpoint to continue a run", key="output_dir")
+
+
+def resolve_resume(config: Config) -> str | bool | None:
+    resume = config.training.resume_from_checkpoint
+    if resume in ("true", "True", True):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(config.training.output_dir) if os.path.isdir(config.training.output_dir) else None
+        if last is None:
+            raise ConfigError(f"no checkpoint-* folder in {config.training.output_dir} to resume from",
+                              key="resume_from_checkpoint")
+        return last
+    if resume and not os.path.isdir(resume):
+        raise ConfigError(f"checkpoint folder not found: {resume}", key="resume_from_checkpoint")
+    return resume or None
+
+
+def build_trainer(config: Config):
+    from transformers import Trainer
+
+    mix, args = config.mix, config.training
+    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    for note in config.notes:
+        log.info("config: %s", note)
+    apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
+    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, trainable_summary(model))
+    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir)
+    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir)
+    if train_set is None:
+        raise ConfigError("has no entries", key="dataset.train")
+    log.info("train samples: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
+    if args.eval_strategy != "no" and eval_set is None:
+        raise ConfigError(f"eval_strategy is '{args.eval_strategy.value}' but dataset.eval is empty",
+                          key="eval_strategy")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                   data_collator=PadCollator(pad_id), processing_class=processor)
+
+
+def train(config: Config) -> dict:
+    check_output_dir(config)
+    resume = resolve_resume(config)
+    trainer = build_trainer(config)
+    out = config.training.output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
+    trainer.save_state()
+    final = dict(result.metrics)
+    if config.mix.benchmark:
+        log.info("benchmark: %.2f samples/s, %.2f steps/s, %.1f s", final.get("train_samples_per_second", 0),
+                 final.get("train_steps_per_second", 0), final.get("train_runtime", 0))
+    if trainer.eval_dataset is not None:
+        final.update(trainer.evaluate())
+    history = trainer.state.log_history
+    write_metrics(out, history, final)
+    plot_loss(out, history)
+    log.info("saved model, processor and metrics to %s", out)
+    return final
