@@ -211,6 +211,10 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
         if key in raw:
             raw.pop(key)
             notes.append(f"'{key}' has no effect: {why}")
+    if raw.get("resume_from_checkpoint") is True:  # the seed's spelling of "the latest checkpoint"
+        raw["resume_from_checkpoint"] = "true"
+    elif raw.get("resume_from_checkpoint") is False:
+        raw["resume_from_checkpoint"] = None
     overwrite = raw.pop("overwrite_output_dir", False)
     if not isinstance(overwrite, bool):
         raise ConfigError(f"expected bool, got {overwrite!r}", key="overwrite_output_dir")
@@ -230,8 +234,12 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     mix = MixtuneArgs(**mix_kwargs)
     check_mixtune_args(mix, notes)
     train_kwargs.update(MANAGED)
-    if mix.device == "cpu":
-        train_kwargs["use_cpu"] = True
+    import torch
+
+    if mix.device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"'{mix.device}' requested but torch sees no GPU", key="device")
+    if mix.device == "cpu" or not torch.cuda.is_available():
+        train_kwargs.setdefault("use_cpu", True)  # lets bf16 run on CPU instead of failing the GPU check
     if mix.fp16_opt_level == "O2" and (train_kwargs.get("bf16") or train_kwargs.get("fp16")):
         notes.append("fp16_opt_level O2: mixtune keeps fp32 master weights and autocasts (O1 semantics)")
     for key in ("output_dir", "logging_dir"):

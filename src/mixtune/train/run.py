@@ -59,7 +59,7 @@ def resolve_resume(config: Config) -> str | bool | None:
 
 
 def build_trainer(config: Config):
-    from transformers import Trainer
+    from mixtune.train.trainer import MixTrainer
 
     mix, args = config.mix, config.training
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
@@ -77,7 +77,7 @@ def build_trainer(config: Config):
                           key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                    data_collator=PadCollator(pad_id), processing_class=processor)
 
 
