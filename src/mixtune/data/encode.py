@@ -61,11 +61,18 @@ def _shift_spans(spans, replacements) -> list[tuple[int, int]]:
     return out
 
 
+def add_special_tokens(processor, text: str) -> bool:
+    """transformers' own rule: let the tokenizer add BOS unless the rendered template already starts with it."""
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
 def encode_with_processor(conv: Conversation, images: list, processor, render: Renderer) -> Encoded:
     messages = to_messages(conv)
     full, spans = assistant_spans(messages, render, conv)
     out = processor(text=[full], images=images or None, return_offsets_mapping=True,
-                    return_text_replacement_offsets=True, add_special_tokens=False, return_tensors="pt")
+                    return_text_replacement_offsets=True, add_special_tokens=add_special_tokens(processor, full),
+                    return_tensors="pt")
     input_ids = out["input_ids"][0]
     offsets = out["offset_mapping"][0]
     spans = _shift_spans(spans, out.get("text_replacement_offsets", [[]])[0])
@@ -96,4 +103,5 @@ def generation_inputs(conv: Conversation, images: list, processor, render: Rende
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     text = render(messages, True)
-    return dict(processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt"))
+    return dict(processor(text=[text], images=images or None, add_special_tokens=add_special_tokens(processor, text),
+                          return_tensors="pt"))
