@@ -77,3 +77,16 @@ def test_jinja_chat_template_file(tiny_model_dir, tmp_path):
     enc = encode_with_processor(two_turn_conversation(), [Image.new("RGB", (112, 112), "red")], processor, render)
     labelled = enc.input_ids[enc.labels != IGNORE_INDEX]
     assert processor.tokenizer.decode(labelled) == "red<|im_end|>a round circle<|im_end|>"
+
+
+def test_tokenizer_that_adds_bos_keeps_labels_exact(tiny_model_dir, tmp_path):
+    """Llama-style tokenizers add BOS themselves when the template does not; labels must not shift."""
+    from tokenizers.processors import TemplateProcessing
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("llava"))
+    tok = processor.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    render = make_renderer(processor, None, get_family("llava").image_placeholder)
+    enc = encode_with_processor(two_turn_conversation(), [Image.new("RGB", (112, 112), "red")], processor, render)
+    assert int(enc.input_ids[0]) == tok.bos_token_id
+    assert tok.decode(enc.input_ids[enc.labels != IGNORE_INDEX]) == " red</s> a round circle</s>"
