@@ -259,6 +259,11 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
     for part, name in zip(parts, names):
         part.name = name
     mix = MixDataset(parts, names, [e.weight for e in entries], seed=seed)
+    if len(mix) == 0:
+        kinds = sorted({r["kind"] for r in mix.skipped})
+        raise DataError(f"dataset.{split} has no samples left: {len(mix.skipped)} were skipped or dropped "
+                        f"({', '.join(kinds) or 'the files hold none'})", file=", ".join(str(e.data_files)
+                                                                                       for e in entries))
     for entry, part, count in zip(entries, parts, mix.counts()):
         if entry.weight is not None and count == 0 and len(part):
             log.warning("dataset %s: ratio %s of %d samples gives none per epoch", part.name, entry.weight, len(part))
