@@ -168,7 +168,7 @@ def test_train_with_skip_writes_report_and_logs_summary(tiny_model_dir, tmp_path
     train_file = write_jsonl(tmp_path / "d.jsonl", [good(), good("ghost.png"), '{"broken', good(), good(),
                                                     three_image_sample()])
     cfg = write_config(tmp_path, tiny_model_dir("qwen2_vl"), train_file, max_steps=-1, num_train_epochs=2,
-                       on_bad_sample="skip", max_length=60, dataset={"train": [
+                       on_bad_sample="skip", max_length=60, group_by_modality_length=True, dataset={"train": [
                            {"name": "sharegpt", "data_files": "d.jsonl", "ratio": 0.5}]})
     from mixtune.train.run import build_trainer
     with caplog.at_level("WARNING", logger="mixtune"):

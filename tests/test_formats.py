@@ -146,7 +146,9 @@ def hf_rows(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["parquet", "folder", "jsonl"])
-def test_hf_with_column_mapping_and_embedded_images(tmp_path, kind):
+def test_hf_with_column_mapping_and_embedded_images(tmp_path, kind, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     ds = hf_rows(tmp_path)
     if kind == "parquet":
         ds.to_parquet(str(tmp_path / "d.parquet"))
