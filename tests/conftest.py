@@ -11,6 +11,12 @@ import torch
 torch.set_num_threads(1)  # stable timings on a shared 2-core machine
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _length_cache_in_tmp(tmp_path_factory):
+    """Token-length caches go to a per-session folder, never the user's ~/.cache."""
+    os.environ["MIXTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("mixtune_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """`tiny_model_dir(family)` -> path of a tiny checkpoint of that family, built once per session."""

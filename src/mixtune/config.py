@@ -49,6 +49,12 @@ class MixtuneArgs:
     pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1 so far)"})
     sharding_parallel_degree: int = field(default=1, metadata={"help": "ZeRO sharding group size (only 1 so far)"})
     sharding: str = field(default="", metadata={"help": "ZeRO stage: stage1, stage2 (not built yet)"})
+    on_bad_sample: str = field(default="error", metadata={
+        "help": "default for dataset entries: 'error' stops at the first bad sample, 'skip' drops and reports it"})
+    truncation: str = field(default="drop", metadata={
+        "help": "default for dataset entries: over-long samples are 'drop'ped, or 'downscale' shrinks their images"})
+    data_cache_dir: str | None = field(default=None, metadata={
+        "help": "where per-sample token lengths are cached; default $MIXTUNE_CACHE_DIR or ~/.cache/mixtune"})
 
 
 # PaddleNLP / PaddleMIX names -> (our key, value transform). A PaddleMIX config should run unchanged.
@@ -264,6 +270,10 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
         raise ConfigError(f"unknown part(s) {sorted(unknown)}; expected 'train' and 'eval'", key="dataset")
     if mix.max_length < 1:
         raise ConfigError("must be positive", key="max_length")
+    if mix.on_bad_sample not in ("error", "skip"):
+        raise ConfigError(f"must be 'error' or 'skip', got {mix.on_bad_sample!r}", key="on_bad_sample")
+    if mix.truncation not in ("drop", "downscale"):
+        raise ConfigError(f"must be 'drop' or 'downscale', got {mix.truncation!r}", key="truncation")
     if mix.fp16_opt_level not in ("O1", "O2"):
         raise ConfigError(f"must be 'O1' or 'O2', got {mix.fp16_opt_level!r}", key="fp16_opt_level")
     if mix.device not in (None, "cpu", "gpu", "cuda"):

@@ -19,18 +19,24 @@ def resolve_image_ref(ref: str, base_dir: str) -> str:
     """Paths are relative to the data file's folder; absolute paths and data: URIs pass through."""
     if not isinstance(ref, str) or not ref:
         raise ValueError(f"image reference must be a non-empty string, got {ref!r}")
-    if ref.startswith("data:") or os.path.isabs(ref):
+    if ref.startswith(("data:", "hfrow:")) or os.path.isabs(ref):
         return ref
     return os.path.normpath(os.path.join(base_dir, ref))
 
 
 def load_image(ref: str) -> Image.Image:
     """Decode one image to RGB; any failure becomes a DataError naming the image."""
+    if not isinstance(ref, str):
+        raise DataError(f"image reference must be a string, got {type(ref).__name__}", field="image")
     name = ref[:40] + "..." if ref.startswith("data:") else ref
     try:
         if ref.startswith("data:"):
             _, _, payload = ref.partition(",")
             data = base64.b64decode(payload, validate=False)
+        elif ref.startswith("hfrow:"):  # image bytes inside a `datasets` arrow file (formats/hf.py)
+            from mixtune.data.formats.hf import hf_image_bytes
+
+            data = hf_image_bytes(ref)
         else:
             if not os.path.exists(ref):
                 raise DataError(f"image not found: {ref}", field="image")
@@ -38,6 +44,8 @@ def load_image(ref: str) -> Image.Image:
                 raise DataError(f"image file is empty: {ref}", field="image")
             with open(ref, "rb") as f:
                 data = f.read()
+        if not data:
+            raise DataError(f"image data is empty: {name}", field="image")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
@@ -52,3 +60,22 @@ def load_image(ref: str) -> Image.Image:
         raise DataError(f"image is absurdly large (decompression bomb): {name}: {e}", field="image") from None
     except Exception as e:  # PIL raises many types for corrupt files
         raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}", field="image") from None
+
+
+def fit_image(img: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None,
+              scale: float = 1.0) -> Image.Image:
+    """Resize keeping the aspect ratio so the pixel count lies in [min_pixels, max_pixels], then by `scale`
+    (the `truncation: downscale` factor); `min_pixels` stays a floor."""
+    w, h = img.size
+    area = w * h
+    factor = 1.0
+    if max_pixels and area > max_pixels:
+        factor = (max_pixels / area) ** 0.5
+    elif min_pixels and area < min_pixels:
+        factor = (min_pixels / area) ** 0.5
+    factor *= scale
+    if min_pixels and area * factor * factor < min_pixels:
+        factor = (min_pixels / area) ** 0.5
+    if abs(factor - 1.0) < 1e-9:
+        return img
+    return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BICUBIC)

@@ -9,7 +9,10 @@ import torch
 
 from mixtune.config import Config
 from mixtune.data.collate import PadCollator
+from mixtune.data.badsamples import summary as skip_summary
+from mixtune.data.badsamples import write_report
 from mixtune.data.dataset import build_split
+from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
 from mixtune.train.freeze import apply_freeze, trainable_summary
@@ -67,18 +70,29 @@ def build_trainer(config: Config):
         log.info("config: %s", note)
     apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, trainable_summary(model))
-    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir)
-    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir)
+    data_opts = dict(seed=args.data_seed if args.data_seed is not None else args.seed, cache_dir=mix.data_cache_dir,
+                     num_workers=args.dataloader_num_workers,
+                     defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
+    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
+                            **data_opts)
+    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
+                           **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
-    log.info("train samples: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
+    log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
+    skipped = train_set.skipped + (eval_set.skipped if eval_set is not None else [])
     if args.eval_strategy != "no" and eval_set is None:
         raise ConfigError(f"eval_strategy is '{args.eval_strategy.value}' but dataset.eval is empty",
                           key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                   data_collator=PadCollator(pad_id), processing_class=processor)
+    # several eval entries: the Trainer reports eval_<name>_loss for each, MixTrainer adds the overall eval_loss
+    eval_arg = eval_set.by_entry() if eval_set is not None and len(eval_set.parts) > 1 else eval_set
+    trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
+                         data_collator=PadCollator(pad_id), processing_class=processor,
+                         callbacks=[epoch_callback(train_set)])
+    trainer.skipped_samples = skipped
+    return trainer
 
 
 def train(config: Config) -> dict:
@@ -86,6 +100,7 @@ def train(config: Config) -> dict:
     resume = resolve_resume(config)
     trainer = build_trainer(config)
     out = config.training.output_dir
+    skipped_path = write_report(trainer.skipped_samples, out)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
     trainer.save_state()
@@ -98,5 +113,7 @@ def train(config: Config) -> dict:
     history = trainer.state.log_history
     write_metrics(out, history, final)
     plot_loss(out, history)
+    if trainer.skipped_samples:
+        log.warning("%s\nthe full list: %s", skip_summary(trainer.skipped_samples), skipped_path)
     log.info("saved model, processor and metrics to %s", out)
     return final

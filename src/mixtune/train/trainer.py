@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 
 class MixTrainer(Trainer):
@@ -25,3 +26,25 @@ class MixTrainer(Trainer):
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """With several eval entries the Trainer reports `eval_<name>_loss` for each; add the overall
+        `eval_loss`: the per-entry losses weighted by sample count, which is the mean the Trainer would
+        report over all their batches (it weights each batch's loss by its size)."""
+        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(datasets, dict):
+            sizes = {name: len(ds) for name, ds in datasets.items() if len(ds)}
+            overall = sum(metrics[f"{metric_key_prefix}_{name}_loss"] * n for name, n in sizes.items())
+            metrics[f"{metric_key_prefix}_loss"] = overall / max(sum(sizes.values()), 1)
+            self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})
+        return metrics
+
+    def _get_train_sampler(self, train_dataset=None):
+        # group_by_length: take the lengths our datasets measured before training instead of the Trainer
+        # encoding every sample again (which it cannot do for our Encoded samples anyway)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)

@@ -1,6 +1,8 @@
 """Dataset readers, one per `name` in the config's dataset block. Each turns a file into Conversations.
 
-A reader is a function `(entry: DatasetEntry) -> list[Conversation]`, registered with `@register(name)`.
+A reader is a function `(entry: DatasetEntry, bad: BadSamples) -> list[Conversation]`, registered with
+`@register(name)`. It parses each record inside `with bad.catch():` so that `on_bad_sample: skip` drops a
+bad record (counted) and `error` stops at it, naming file, line or index, and field.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def get_reader(name: str) -> Callable:
 
 
 def _load_builtin_readers() -> None:
-    from mixtune.data.formats import chatml  # noqa: F401  (registers itself)
+    from mixtune.data.formats import chatml, coco, hf, llava, sharegpt  # noqa: F401  (they register themselves)
 
 
 def expand_data_files(data_files: Any, base_dir: str = ".") -> list[str]:
@@ -51,8 +53,25 @@ def expand_data_files(data_files: Any, base_dir: str = ".") -> list[str]:
     return files
 
 
-def iter_json_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield (index, line, record) from a JSON list file or a JSONL file, with errors naming the line."""
+def image_base(entry, path: str) -> str:
+    """Relative image paths resolve against the entry's `image_root`, else the data file's folder."""
+    return entry.image_root or os.path.dirname(os.path.abspath(path))
+
+
+def load_json_file(path: str) -> Any:
+    """A whole JSON document; a syntax error names the line (not skippable: the file has no samples)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=e.lineno) from None
+
+
+def iter_json_records(path: str, bad=None) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield (index, line, record) from a JSON list file or a JSONL file, with errors naming the line.
+
+    A malformed JSONL line goes to `bad` (skipped under `on_bad_sample: skip`); without `bad` it raises."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     stripped = text.lstrip()
@@ -64,9 +83,13 @@ def iter_json_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON line: {e.msg} (column {e.colno})", file=path, line=line_no,
-                                index=index) from None
-            yield index, line_no, record
+                error = DataError(f"malformed JSON line: {e.msg} (column {e.colno})", file=path, line=line_no,
+                                  index=index)
+                if bad is None:
+                    raise error from None
+                bad.add(error)
+            else:
+                yield index, line_no, record
             index += 1
         return
     try:

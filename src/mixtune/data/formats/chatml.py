@@ -6,25 +6,24 @@ Messages shape:   {"messages": [{"role": "user", "content": "<image>q"}, ...], "
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from mixtune.data.conversation import Conversation, Turn
-from mixtune.data.formats import expand_data_files, iter_json_records, register
+from mixtune.data.formats import expand_data_files, image_base, iter_json_records, register
 from mixtune.data.images import resolve_image_ref
 from mixtune.errors import DataError
 
 
 @register("chatml_dataset", "chatml")
-def read_chatml(entry) -> list[Conversation]:
+def read_chatml(entry, bad) -> list[Conversation]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
-        base_dir = os.path.dirname(os.path.abspath(path))
-        for index, line, record in iter_json_records(path):
+        base_dir = image_base(entry, path)
+        for index, line, record in iter_json_records(path, bad):
             where = dict(file=path, index=index, line=line)
-            conv = Conversation(turns=parse_turns(record, where), images=parse_images(record, base_dir, where),
-                                **where)
-            out.append(conv)
+            with bad.catch():
+                out.append(Conversation(turns=parse_turns(record, where),
+                                        images=parse_images(record, base_dir, where), **where))
     return out
 
 
