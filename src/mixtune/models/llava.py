@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mixtune.models.family import Family
-from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
+from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
 # The llava-hf checkpoints' conversation style ("USER: <image>\n... ASSISTANT: ...</s>").
@@ -34,12 +34,15 @@ def build_tiny(output_dir: str) -> str:
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch, projection_dim=64)
+                              image_size=image_size, patch_size=patch, projection_dim=64,
+                              initializer_range=INIT_STD)
     text = LlamaConfig(**TEXT_SIZES, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         image_seq_length=(image_size // patch) ** 2, tie_word_embeddings=True)
+                         image_seq_length=(image_size // patch) ** 2, tie_word_embeddings=True,
+                         initializer_range=INIT_STD)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

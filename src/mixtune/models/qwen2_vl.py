@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mixtune.models.family import Family
-from mixtune.models.tiny import TEXT_SIZES, chatml_template, save_checkpoint, seeded
+from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_template, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -28,13 +28,15 @@ def build_tiny(output_dir: str, model_type: str = "qwen2_vl") -> str:
                                  chat_template=chatml_template(IMAGE_MARKUP))
     text = dict(TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": ROPE_THETA})
     vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
+                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=INIT_STD,
+                  rope_parameters={"rope_type": "axial", "rope_theta": ROPE_THETA})
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
-                           pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=True)
+                           pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=True,
+                           initializer_range=INIT_STD)
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]

@@ -27,7 +27,7 @@ CHANCE = (1 / len(COLOURS) + 1 / len(SHAPES) + 1 / len(SIDES) + 1 / len(COUNTS))
 DEMO_TRAINING = {
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "num_train_epochs": 6,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.05,

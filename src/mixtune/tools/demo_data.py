@@ -30,12 +30,12 @@ IMAGE_SIZE = 112
 def draw_scene(rng: random.Random, colour: str, shape: str, side: str, count: int) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
     d = ImageDraw.Draw(img)
-    size = 22
+    size = 28
     x0 = 6 if side == "left" else IMAGE_SIZE // 2 + 6
     rows = rng.sample(range(3), count)
     for row in rows:
-        x = x0 + rng.randint(0, 18)
-        y = 6 + row * 35 + rng.randint(0, 6)
+        x = x0 + rng.randint(0, 16)
+        y = 4 + row * 36 + rng.randint(0, 4)
         box = (x, y, x + size, y + size)
         fill = COLOURS[colour]
         if shape == "circle":
@@ -47,7 +47,7 @@ def draw_scene(rng: random.Random, colour: str, shape: str, side: str, count: in
     return img
 
 
-def make_demo_data(output_dir: str, n_train_images: int = 600, n_val_images: int = 60, seed: int = 0) -> dict:
+def make_demo_data(output_dir: str, n_train_images: int = 600, n_val_images: int = 120, seed: int = 0) -> dict:
     rng = random.Random(seed)
     os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
     splits = {"train": [], "val": []}
