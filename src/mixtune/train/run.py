@@ -65,8 +65,14 @@ def build_trainer(config: Config):
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     for note in config.notes:
         log.info("config: %s", note)
-    apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
-    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, trainable_summary(model))
+    if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+        from mixtune.train.lora import apply_lora
+
+        model = apply_lora(model, family, mix)
+    else:
+        apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
+    summary = trainable_summary(model.get_base_model() if mix.lora else model)
+    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir)
     eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir)
     if train_set is None:
