@@ -81,7 +81,11 @@ def resolve_targets(model, family, patterns) -> list[str]:
     chosen: set[str] = set()
     for pattern in _as_list(patterns):
         if pattern == ALL_LINEAR:
-            chosen.update(all_linear_language(model, family))
+            found = all_linear_language(model, family)
+            if not found:
+                raise ConfigError(f"'{ALL_LINEAR}' found no linear layer under the language model "
+                                  f"({', '.join(family.language)})", key=key)
+            chosen.update(found)
             continue
         rx = _compile(pattern, key)
         matched = [n for n in modules if rx.fullmatch(n)]
