@@ -42,8 +42,16 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
-    report = run_demo(args.family, args.output_dir, parse_overrides(extra))
+    report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
+    return 0
+
+
+def cmd_merge_lora(args, extra) -> int:
+    from mixtune.tools.merge_lora import merge_lora
+
+    path = merge_lora(args.lora_path, args.merge_model_path, args.model_name_or_path, args.dtype)
+    print(f"merged model written to {path}")
     return 0
 
 
@@ -65,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
 
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base; save a full checkpoint + processor")
+    p.add_argument("--model_name_or_path", default=None, help="base checkpoint; default: the adapter's own record")
+    p.add_argument("--lora_path", required=True, help="adapter folder (adapter_config.json)")
+    p.add_argument("--merge_model_path", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights; auto: the base checkpoint's own")
+    p.set_defaults(func=cmd_merge_lora)
+
     p = sub.add_parser("demo", help="tiny model + demo data + fine-tune + accuracy before and after")
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", default="runs/demo")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.set_defaults(func=cmd_demo, extra_ok=True)
     return parser
 

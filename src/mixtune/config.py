@@ -43,8 +43,13 @@ class MixtuneArgs:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "regexes over full module names; default: the family's language-model projections"})
+    lora_target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "regexes fullmatched against module names, or 'all-linear' (the language model's linear "
+                "layers); default: the family's language-model attention and MLP projections"})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "modules trained fully beside the adapters: regexes over module names, or 'projector' / 'vision'"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (peft's use_dora)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by alpha/sqrt(r) (peft's use_rslora)"})
     tensor_parallel_degree: int = field(default=1, metadata={"help": "tensor parallel size (only 1 so far)"})
     pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1 so far)"})
     sharding_parallel_degree: int = field(default=1, metadata={"help": "ZeRO sharding group size (only 1 so far)"})
@@ -291,7 +296,14 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
     if mix.mixtoken:
         raise NotSupportedYet("mixtoken", "MixToken packing")
     if mix.lora:
-        raise NotSupportedYet("lora", "LoRA")
+        if mix.lora_rank < 1:
+            raise ConfigError("must be >= 1", key="lora_rank")
+        if not 0 <= mix.lora_dropout < 1:
+            raise ConfigError("must be in [0, 1)", key="lora_dropout")
+    else:
+        for key in ("lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
+            if getattr(mix, key):
+                notes.append(f"'{key}' has no effect without 'lora: true'")
     if mix.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
         raise ConfigError(f"unknown attention implementation {mix.attn_implementation!r}", key="attn_implementation")
 

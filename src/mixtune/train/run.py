@@ -68,8 +68,14 @@ def build_trainer(config: Config):
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     for note in config.notes:
         log.info("config: %s", note)
-    apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
-    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, trainable_summary(model))
+    if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+        from mixtune.train.lora import apply_lora
+
+        model = apply_lora(model, family, mix)
+    else:
+        apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
+    summary = trainable_summary(model.get_base_model() if mix.lora else model)
+    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
     data_opts = dict(seed=args.data_seed if args.data_seed is not None else args.seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
                      defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
