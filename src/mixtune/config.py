@@ -30,6 +30,12 @@ class MixtuneArgs:
         "help": "fnmatch globs of parameter names to freeze, e.g. ['*visual*']"})
     freeze_exclude: list[str] | None = field(default=None, metadata={
         "help": "globs kept trainable even when freeze_include matches them, e.g. ['*visual.merger*']"})
+    freeze_vision: bool = field(default=False, metadata={
+        "help": "freeze the family's vision tower (projector excluded); adds to freeze_include"})
+    freeze_projector: bool = field(default=False, metadata={
+        "help": "freeze the family's vision-to-language projector; adds to freeze_include"})
+    freeze_language: bool = field(default=False, metadata={
+        "help": "freeze the family's language model (embeddings and head included); adds to freeze_include"})
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})

@@ -28,5 +28,12 @@ class Family:
     build_tiny: Callable[[str], None]
     # Optional: Conversation + images -> Encoded, for families whose prompts are not chat templates.
     encode: Callable[..., Any] | None = None
+    # Optional: Conversation + images -> generate() inputs for its last user turn (same signature as encode).
+    generation_inputs: Callable[..., Any] | None = None
+    # False where prompts are not chat-templated at all (PaliGemma's prefix/suffix): no template is required.
+    uses_chat_template: bool = True
+    # Optional: per-sample media dicts -> one batch, for pixel inputs whose shapes differ between samples
+    # beyond dim 0 (image tiles, patches, image counts). Default: concatenate along dim 0.
+    collate_media: Callable[[list[dict]], dict] | None = None
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"

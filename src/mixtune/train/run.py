@@ -12,7 +12,7 @@ from mixtune.data.collate import PadCollator
 from mixtune.data.dataset import build_split
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
-from mixtune.train.freeze import apply_freeze, trainable_summary
+from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.report import plot_loss, write_metrics
 
 log = logging.getLogger("mixtune")
@@ -65,7 +65,8 @@ def build_trainer(config: Config):
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     for note in config.notes:
         log.info("config: %s", note)
-    apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
+    parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
+    apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, trainable_summary(model))
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir)
     eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir)
@@ -78,7 +79,7 @@ def build_trainer(config: Config):
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                   data_collator=PadCollator(pad_id), processing_class=processor)
+                   data_collator=PadCollator(pad_id, family.collate_media), processing_class=processor)
 
 
 def train(config: Config) -> dict:
