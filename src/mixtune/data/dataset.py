@@ -91,7 +91,8 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
     parts = []
     for i, raw in enumerate(raw_entries):
         entry = DatasetEntry.from_config(raw, base_dir, f"dataset.{split}[{i}]")
-        render = (make_renderer(processor, entry.chat_template, family.image_placeholder)
+        render = (make_renderer(processor, entry.chat_template, family.image_placeholder,
+                                family.default_chat_template)
                   if family.uses_chat_template else None)
         encode = family.encode or encode_with_processor
         parts.append(SFTDataset(read_entry(entry), partial(_encode, encode, processor=processor, render=render),

@@ -30,6 +30,8 @@ class Family:
     encode: Callable[..., Any] | None = None
     # Optional: Conversation + images -> generate() inputs for its last user turn (same signature as encode).
     generation_inputs: Callable[..., Any] | None = None
+    # The prompt format for checkpoints that ship no chat template (BLIP-2's "Question: ... Answer: ...").
+    default_chat_template: str | None = None
     # False where prompts are not chat-templated at all (PaliGemma's prefix/suffix): no template is required.
     uses_chat_template: bool = True
     # Optional: per-sample media dicts -> one batch, for pixel inputs whose shapes differ between samples
