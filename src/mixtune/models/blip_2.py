@@ -20,8 +20,9 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %} {{ part['text'] }}</s>{% else %}{{ part['text'] }} {% endif %}"
     "{% endif %}{% endfor %}{% if message['role'] == 'assistant' %} {% endif %}{% endfor %}"
 )
-# the language model's projections, for OPT (q/k/v/out_proj, fc1/fc2) and Flan-T5 (q/k/v/o, wi*/wo)
-LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2|"
+# the language model's projections, for OPT (q/k/v/out_proj, fc1/fc2), Llama/Vicuna (InstructBLIP) and
+# Flan-T5 (q/k/v/o, wi*/wo)
+LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|o_proj|fc1|fc2|gate_proj|up_proj|down_proj|"
                 r"SelfAttention\.(q|k|v|o)|EncDecAttention\.(q|k|v|o)|DenseReluDense\.(wi|wi_0|wi_1|wo))")
 QUERY_TOKENS = 8
 
@@ -32,7 +33,7 @@ def query_token_tokenizer():
                            unk_token="<unk>", pad_token="<pad>")
 
 
-def encode_query_prefixed(conv, images, processor, render, **extra) -> Encoded:
+def encode_query_prefixed(conv, images, processor, render, extra_media: dict | None = None) -> Encoded:
     """Generic labelling for processors that prepend the image's query tokens before the text."""
     if len(images) != 1:
         raise conv.error(f"{type(processor).__name__} takes exactly one image per sample, got {len(images)}", "image")
@@ -42,8 +43,9 @@ def encode_query_prefixed(conv, images, processor, render, **extra) -> Encoded:
     input_ids = out["input_ids"][0]
     offsets = out["offset_mapping"][0].clone()
     offsets[: processor.num_query_tokens] = 0  # offsets into the query-token string, not into `full`
-    out.update(extra)
-    token_fields, media = split_fields(out, input_ids.shape[0])
+    extra_media = extra_media or {}
+    token_fields, media = split_fields({k: v for k, v in out.items() if k not in extra_media}, input_ids.shape[0])
+    media.update(extra_media)
     return Encoded(input_ids=input_ids, labels=labels_from_offsets(input_ids, offsets, spans, conv),
                    token_fields=token_fields, media=media, source=conv.source_id)
 
