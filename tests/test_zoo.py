@@ -79,6 +79,8 @@ def steps(model, batch, n=3, lr=1e-3) -> list[float]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family(tiny_model_dir, tmp_path, name):
     fam = get_family(name)
+    for module in fam.requires:
+        pytest.importorskip(module, reason=f"{name} needs {module}")
     path = tiny_model_dir(name)
     torch.manual_seed(0)
     loaded_fam, model, processor = load_model_and_processor(path)  # found by the checkpoint's model_type
@@ -133,6 +135,8 @@ def test_family(tiny_model_dir, tmp_path, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_freeze_parts_split_parameters(tiny_model_dir, name):
     fam = get_family(name)
+    for module in fam.requires:
+        pytest.importorskip(module, reason=f"{name} needs {module}")
     _, model, _ = load_model_and_processor(tiny_model_dir(name))
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     parts = {n: part_of(n, fam) for n in sizes}

@@ -37,5 +37,7 @@ class Family:
     # Optional: per-sample media dicts -> one batch, for pixel inputs whose shapes differ between samples
     # beyond dim 0 (image tiles, patches, image counts). Default: concatenate along dim 0.
     collate_media: Callable[[list[dict]], dict] | None = None
+    # Python modules the family's processor imports beyond mixtune's dependencies (SmolVLM: num2words).
+    requires: tuple[str, ...] = ()
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
