@@ -30,6 +30,13 @@ def cmd_make_tiny_model(args, extra) -> int:
     return 0
 
 
+def cmd_list_models(args, extra) -> int:
+    from mixtune.models.registry import support_table
+
+    print(support_table())
+    return 0
+
+
 def cmd_make_demo_data(args, extra) -> int:
     from mixtune.tools.demo_data import make_demo_data
 
@@ -59,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", required=True)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("list-models", help="the supported model families and what each supports")
+    p.set_defaults(func=cmd_list_models)
 
     p = sub.add_parser("make-demo-data", help="draw the synthetic VQA + caption demo set")
     p.add_argument("--output_dir", required=True)
