@@ -25,7 +25,9 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
-    path = get_family(args.family).build_tiny(args.output_dir)
+    family = get_family(args.family)
+    family.check_requires()
+    path = family.build_tiny(args.output_dir)
     print(f"tiny {args.family} checkpoint written to {path}")
     return 0
 

@@ -26,7 +26,8 @@ class Family:
     image_placeholder: str
     # Writes a tiny random-weight checkpoint of the real architecture into a folder.
     build_tiny: Callable[[str], None]
-    # Optional: Conversation + images -> Encoded, for families whose prompts are not chat templates.
+    # Optional: Conversation + images -> Encoded, where the generic path (chat template, one processor call,
+    # labels through character offsets) cannot work: PaliGemma's prefix/suffix, BLIP-2's query tokens.
     encode: Callable[..., Any] | None = None
     # Optional: Conversation + images -> generate() inputs for its last user turn (same signature as encode).
     generation_inputs: Callable[..., Any] | None = None
@@ -41,3 +42,12 @@ class Family:
     requires: tuple[str, ...] = ()
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
+
+    def check_requires(self) -> None:
+        import importlib.util
+
+        from mixtune.errors import MixtuneError
+
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MixtuneError(f"the {self.name} processor needs {', '.join(missing)}: pip install {' '.join(missing)}")

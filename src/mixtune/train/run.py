@@ -23,6 +23,7 @@ def load_model_and_processor(model_name_or_path: str, attn_implementation: str |
     import transformers
 
     family = family_for_checkpoint(model_name_or_path)
+    family.check_requires()
     auto = getattr(transformers, family.auto_class)
     kwargs = {"dtype": dtype}
     if attn_implementation:
