@@ -115,6 +115,10 @@ def test_family(tiny_model_dir, tmp_path, name):
     assert set(inputs) <= set(batch), set(inputs) - set(batch)  # training feeds every input the model gets
     _, regen = encoder(fam, reprocessor)
     assert set(regen(conversation(second=None), [red])) == set(inputs)
+    with torch.no_grad():  # the image reaches the language model: another image changes the next-token logits
+        other_image = make_inputs(conversation(second=None), [Image.new("RGB", (112, 112), (30, 30, 220))])
+        change = (reloaded(**inputs).logits[0, -1] - reloaded(**other_image).logits[0, -1]).abs().max()
+    assert change > 1e-4, change
     generated = reloaded.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
