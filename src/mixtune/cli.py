@@ -25,8 +25,17 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
-    path = get_family(args.family).build_tiny(args.output_dir)
+    family = get_family(args.family)
+    family.check_requires()
+    path = family.build_tiny(args.output_dir)
     print(f"tiny {args.family} checkpoint written to {path}")
+    return 0
+
+
+def cmd_list_models(args, extra) -> int:
+    from mixtune.models.registry import support_table
+
+    print(support_table())
     return 0
 
 
@@ -67,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", required=True)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("list-models", help="the supported model families and what each supports")
+    p.set_defaults(func=cmd_list_models)
 
     p = sub.add_parser("make-demo-data", help="draw the synthetic VQA + caption demo set")
     p.add_argument("--output_dir", required=True)

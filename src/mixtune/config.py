@@ -30,6 +30,12 @@ class MixtuneArgs:
         "help": "fnmatch globs of parameter names to freeze, e.g. ['*visual*']"})
     freeze_exclude: list[str] | None = field(default=None, metadata={
         "help": "globs kept trainable even when freeze_include matches them, e.g. ['*visual.merger*']"})
+    freeze_vision: bool = field(default=False, metadata={
+        "help": "freeze the family's vision tower (projector excluded); adds to freeze_include"})
+    freeze_projector: bool = field(default=False, metadata={
+        "help": "freeze the family's vision-to-language projector; adds to freeze_include"})
+    freeze_language: bool = field(default=False, metadata={
+        "help": "freeze the family's language model (embeddings and head included); adds to freeze_include"})
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
@@ -300,6 +306,11 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise ConfigError("must be >= 1", key="lora_rank")
         if not 0 <= mix.lora_dropout < 1:
             raise ConfigError("must be in [0, 1)", key="lora_dropout")
+        for part in ("vision", "projector", "language"):
+            if getattr(mix, f"freeze_{part}", False):
+                raise ConfigError("has no meaning with lora: true (every base weight is frozen already); choose "
+                                  "what trains with lora_target_modules and lora_modules_to_save",
+                                  key=f"freeze_{part}")
     else:
         for key in ("lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
             if getattr(mix, key):

@@ -205,7 +205,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
     conversations = read_entry(entry, bad)
     if entry.max_samples is not None:
         conversations = conversations[: entry.max_samples]
-    render = make_renderer(processor, entry.chat_template, family.image_placeholder)
+    render = (make_renderer(processor, entry.chat_template, family.image_placeholder, family.default_chat_template)
+              if family.uses_chat_template else None)
     if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
     encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render)

@@ -67,6 +67,31 @@ def add_special_tokens(processor, text: str) -> bool:
     return not (bos and text.startswith(bos))
 
 
+def labels_from_offsets(input_ids: torch.Tensor, offsets: torch.Tensor, spans, conv: Conversation) -> torch.Tensor:
+    """Labels = input ids of tokens whose first character lies in an assistant span, else IGNORE_INDEX."""
+    starts = offsets[:, 0]
+    nonempty = offsets[:, 1] > offsets[:, 0]
+    is_assistant = torch.zeros_like(input_ids, dtype=torch.bool)
+    for start, end in spans:
+        is_assistant |= (starts >= start) & (starts < end) & nonempty
+    if not is_assistant.any():
+        raise conv.error("no assistant tokens survived tokenisation")
+    return torch.where(is_assistant, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def split_fields(out, length: int) -> tuple[dict, dict]:
+    """Processor outputs beyond input_ids: per-token (1, L) tensors vs. media (batched along dim 0)."""
+    token_fields, media = {}, {}
+    for key, value in out.items():
+        if key in _TEXT_ONLY_KEYS or key == "labels" or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() == 2 and value.shape == (1, length):
+            token_fields[key] = value[0]
+        else:
+            media[key] = value
+    return token_fields, media
+
+
 def encode_with_processor(conv: Conversation, images: list, processor, render: Renderer) -> Encoded:
     messages = to_messages(conv)
     full, spans = assistant_spans(messages, render, conv)
@@ -74,25 +99,9 @@ def encode_with_processor(conv: Conversation, images: list, processor, render: R
                     return_text_replacement_offsets=True, add_special_tokens=add_special_tokens(processor, full),
                     return_tensors="pt")
     input_ids = out["input_ids"][0]
-    offsets = out["offset_mapping"][0]
     spans = _shift_spans(spans, out.get("text_replacement_offsets", [[]])[0])
-    starts = offsets[:, 0]
-    nonempty = offsets[:, 1] > offsets[:, 0]
-    is_assistant = torch.zeros_like(input_ids, dtype=torch.bool)
-    for start, end in spans:
-        is_assistant |= (starts >= start) & (starts < end) & nonempty
-    labels = torch.where(is_assistant, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    if not is_assistant.any():
-        raise conv.error("no assistant tokens survived tokenisation")
-    length = input_ids.shape[0]
-    token_fields, media = {}, {}
-    for key, value in out.items():
-        if key in _TEXT_ONLY_KEYS or not isinstance(value, torch.Tensor):
-            continue
-        if value.dim() == 2 and value.shape == (1, length):
-            token_fields[key] = value[0]
-        else:
-            media[key] = value
+    labels = labels_from_offsets(input_ids, out["offset_mapping"][0], spans, conv)
+    token_fields, media = split_fields(out, input_ids.shape[0])
     return Encoded(input_ids=input_ids, labels=labels, token_fields=token_fields, media=media,
                    source=conv.source_id)
 

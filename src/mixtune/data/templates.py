@@ -38,8 +38,10 @@ def message_text(message: dict, image_text: str) -> str:
     return "".join(image_text if p["type"] == "image" else p["text"] for p in message["content"])
 
 
-def make_renderer(processor, chat_template: str | None, image_placeholder: str) -> Renderer:
-    """Pick the renderer: a user template file if given, else the checkpoint's own chat template."""
+def make_renderer(processor, chat_template: str | None, image_placeholder: str,
+                  default_template: str | None = None) -> Renderer:
+    """Pick the renderer: a user template file if given, else the checkpoint's own chat template, else the
+    family's default prompt format (for checkpoints that ship none)."""
     if chat_template:
         if not os.path.exists(chat_template):
             raise ConfigError(f"chat template file not found: {chat_template}", key="chat_template")
@@ -59,6 +61,8 @@ def make_renderer(processor, chat_template: str | None, image_placeholder: str) 
                               "transformers' {'chat_template': ...}", key="chat_template")
         return jinja_renderer(processor, text)
     if not getattr(processor, "chat_template", None):
+        if default_template:
+            return jinja_renderer(processor, default_template)
         raise ConfigError("the checkpoint has no chat template; give one with the dataset entry's "
                           "'chat_template' (a Jinja file, or PaddleMIX's chat_template.json)", key="chat_template")
     return jinja_renderer(processor, None)

@@ -26,7 +26,28 @@ class Family:
     image_placeholder: str
     # Writes a tiny random-weight checkpoint of the real architecture into a folder.
     build_tiny: Callable[[str], None]
-    # Optional: Conversation + images -> Encoded, for families whose prompts are not chat templates.
+    # Optional: Conversation + images -> Encoded, where the generic path (chat template, one processor call,
+    # labels through character offsets) cannot work: PaliGemma's prefix/suffix, BLIP-2's query tokens.
     encode: Callable[..., Any] | None = None
+    # Optional: Conversation + images -> generate() inputs for its last user turn (same signature as encode).
+    generation_inputs: Callable[..., Any] | None = None
+    # The prompt format for checkpoints that ship no chat template (BLIP-2's "Question: ... Answer: ...").
+    default_chat_template: str | None = None
+    # False where prompts are not chat-templated at all (PaliGemma's prefix/suffix): no template is required.
+    uses_chat_template: bool = True
+    # Optional: per-sample media dicts -> one batch, for pixel inputs whose shapes differ between samples
+    # beyond dim 0 (image tiles, patches, image counts). Default: concatenate along dim 0.
+    collate_media: Callable[[list[dict]], dict] | None = None
+    # Python modules the family's processor imports beyond mixtune's dependencies (SmolVLM: num2words).
+    requires: tuple[str, ...] = ()
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
+
+    def check_requires(self) -> None:
+        import importlib.util
+
+        from mixtune.errors import MixtuneError
+
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MixtuneError(f"the {self.name} processor needs {', '.join(missing)}: pip install {' '.join(missing)}")

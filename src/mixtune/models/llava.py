@@ -19,14 +19,17 @@ CHAT_TEMPLATE = (
 )
 
 
+def llama_tokenizer():
+    return train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>",
+                           unk_token="<unk>", pad_token="<pad>", model_specific_special_tokens={"image_token": "<image>"})
+
+
 def build_tiny(output_dir: str) -> str:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     seeded()
-    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>",
-                          unk_token="<unk>", pad_token="<pad>",
-                          model_specific_special_tokens={"image_token": "<image>"})
+    tok = llama_tokenizer()
     image_size, patch = 112, 14
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})

@@ -1,4 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL: ViT with 2x2 patch merging, M-RoPE language model."""
+"""Qwen2-VL: ViT with 2x2 patch merging (the merger is the projector, inside `model.visual`), M-RoPE LM.
+
+Qwen2.5-VL and Qwen3-VL reuse this file's tokenizer and template; they differ only in config classes.
+"""
 
 from __future__ import annotations
 
@@ -9,47 +12,63 @@ from mixtune.models.tokenizer import train_tokenizer
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def build_tiny(output_dir: str, model_type: str = "qwen2_vl") -> str:
+def qwen_tokenizer():
+    return train_tokenizer(
+        SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_specific_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+
+
+def token_ids(tok) -> dict:
+    """The top-level config's special-token ids, shared by the Qwen-VL generations."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def text_sizes(tok, **extra) -> dict:
+    return dict(TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **extra)
+
+
+def finish(model, tok, processor, output_dir: str) -> str:
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return save_checkpoint(model, processor, output_dir)
+
+
+def build_tiny(output_dir: str) -> str:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     seeded()
-    tok = train_tokenizer(
-        SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_specific_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tok = qwen_tokenizer()
     # 112x112 images -> 8x8 patches of 14 -> 16 tokens after the 2x2 merge.
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(),
                                  chat_template=chatml_template(IMAGE_MARKUP))
-    text = dict(TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": ROPE_THETA})
+    text = text_sizes(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                            "rope_theta": ROPE_THETA})
     vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, initializer_range=INIT_STD,
                   rope_parameters={"rope_type": "axial", "rope_theta": ROPE_THETA})
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
-                           pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=True,
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids(tok), eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True,
                            initializer_range=INIT_STD)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    return save_checkpoint(model, processor, output_dir)
+    return finish(Qwen2VLForConditionalGeneration(config), tok, processor, output_dir)
 
 
 FAMILY = Family(
     name="qwen2_vl",
-    model_types=("qwen2_vl", "qwen2_5_vl"),
+    model_types=("qwen2_vl",),
     vision=("model.visual.*",),
     projector=("model.visual.merger.*",),
     language=("model.language_model.*", "lm_head.*"),
-    lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    lora_targets=LORA_TARGETS,
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
 )

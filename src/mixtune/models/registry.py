@@ -9,7 +9,10 @@ import os
 from mixtune.errors import MixtuneError
 from mixtune.models.family import Family
 
-FAMILY_MODULES = ["qwen2_vl", "llava"]
+FAMILY_MODULES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl", "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v"]
+
+# Other names users write for a family.
+ALIASES = {"blip2": "blip-2"}
 
 _FAMILIES: dict[str, Family] = {}
 
@@ -32,6 +35,7 @@ def families() -> list[Family]:
 
 def get_family(name_or_model_type: str) -> Family:
     table = _load()
+    name_or_model_type = ALIASES.get(name_or_model_type, name_or_model_type)
     if name_or_model_type in table:
         return table[name_or_model_type]
     for fam in families():
@@ -63,3 +67,24 @@ def read_model_type(model_name_or_path: str) -> str:
 
 def family_for_checkpoint(model_name_or_path: str) -> Family:
     return get_family(read_model_type(model_name_or_path))
+
+
+def support_table() -> str:
+    """`mixtune list-models`. SFT, LoRA and generation hold for every registered family because
+    tests/test_zoo.py is parametrised over this registry and checks each of them on a tiny checkpoint;
+    packing is read from the family's own `packing` field where the packing code defines one."""
+    import importlib.util
+
+    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "notes")]
+    for fam in families():
+        notes = []
+        if not fam.uses_chat_template:
+            notes.append("prefix/suffix prompts, one reply per sample")
+        if fam.default_chat_template:
+            notes.append("built-in prompt format when the checkpoint has no chat template")
+        notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
+        packing = "yes" if getattr(fam, "packing", None) else "no"
+        rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes", "; ".join(notes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
+        "\n(SFT, LoRA, generation: checked for every family by tests/test_zoo.py on a tiny checkpoint)"

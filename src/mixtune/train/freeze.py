@@ -4,6 +4,14 @@ A parameter is frozen when its name matches at least one `freeze_include` glob a
 glob. So `freeze_include: ["*visual*"], freeze_exclude: ["*visual.merger*"]` freezes the vision tower but
 keeps its merger (the projector) trainable. `freeze_exclude` alone freezes nothing. Globs use Python's
 `fnmatch`: `*` matches any characters, dots included.
+
+`freeze_vision`, `freeze_projector`, `freeze_language` freeze whole parts of the model by the family's
+globs. They add to `freeze_include` (a parameter is frozen if a shortcut or an include glob selects it),
+and `freeze_exclude` still keeps matching parameters trainable, so `freeze_language: true` with
+`freeze_exclude: ["lm_head.*"]` trains the vision side and the output head. Each parameter belongs to
+exactly one part: the projector's globs win over the vision tower's, because some projectors live inside
+the vision tower's module (Qwen-VL's `model.visual.merger`), so `freeze_vision` leaves such a projector
+trainable.
 """
 
 from __future__ import annotations
@@ -29,11 +37,30 @@ def frozen_names(names: list[str], include: list[str] | None, exclude: list[str]
             if any(fnmatch(n, g) for g in include) and not any(fnmatch(n, g) for g in exclude)}
 
 
-def apply_freeze(model, include: list[str] | None, exclude: list[str] | None) -> None:
-    if exclude and not include:
+PARTS = ("vision", "projector", "language")
+
+
+def part_of(name: str, family) -> str | None:
+    """Which part of the model a parameter belongs to: the projector's globs win over the vision tower's."""
+    for part in ("projector", "vision", "language"):
+        if any(fnmatch(name, g) for g in getattr(family, part)):
+            return part
+    return None
+
+
+def apply_freeze(model, include: list[str] | None, exclude: list[str] | None, family=None,
+                 parts: tuple[str, ...] = ()) -> None:
+    """Freeze by globs and by whole parts ("vision", "projector", "language") of the family's model."""
+    if exclude and not include and not parts:
         log.warning("freeze_exclude without freeze_include freezes nothing")
     names = [n for n, _ in model.named_parameters()]
     frozen = frozen_names(names, include, exclude)
+    if parts:
+        by_part = {n for n in names if part_of(n, family) in parts}
+        if not by_part:
+            raise ConfigError(f"freeze_{'/'.join(parts)} selects no parameter of this {family.name} model",
+                              key=f"freeze_{parts[0]}")
+        frozen |= {n for n in by_part if not any(fnmatch(n, g) for g in exclude or [])}
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)

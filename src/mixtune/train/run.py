@@ -15,7 +15,7 @@ from mixtune.data.dataset import build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
-from mixtune.train.freeze import apply_freeze, trainable_summary
+from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.report import plot_loss, write_metrics
 
 log = logging.getLogger("mixtune")
@@ -26,6 +26,7 @@ def load_model_and_processor(model_name_or_path: str, attn_implementation: str |
     import transformers
 
     family = family_for_checkpoint(model_name_or_path)
+    family.check_requires()
     auto = getattr(transformers, family.auto_class)
     kwargs = {"dtype": dtype}
     if attn_implementation:
@@ -73,7 +74,8 @@ def build_trainer(config: Config):
 
         model = apply_lora(model, family, mix)
     else:
-        apply_freeze(model, mix.freeze_include, mix.freeze_exclude)
+        parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
+        apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
     data_opts = dict(seed=args.data_seed if args.data_seed is not None else args.seed, cache_dir=mix.data_cache_dir,
@@ -95,7 +97,7 @@ def build_trainer(config: Config):
     # several eval entries: the Trainer reports eval_<name>_loss for each, MixTrainer adds the overall eval_loss
     eval_arg = eval_set.by_entry() if eval_set is not None and len(eval_set.parts) > 1 else eval_set
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
-                         data_collator=PadCollator(pad_id), processing_class=processor,
+                         data_collator=PadCollator(pad_id, family.collate_media), processing_class=processor,
                          callbacks=[epoch_callback(train_set)])
     trainer.skipped_samples = skipped
     return trainer
