@@ -6,7 +6,7 @@ along dim 0, so the default collation holds."""
 from __future__ import annotations
 
 from mixtune.models.family import Family
-from mixtune.models.tiny import TEXT_SIZES, chatml_template, save_checkpoint, seeded
+from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_template, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
 TILE, PATCH = 112, 14
@@ -30,11 +30,12 @@ def build_tiny(output_dir: str) -> str:
                                   video_processor=InternVLVideoProcessor(size={"height": TILE, "width": TILE}),
                                   image_seq_length=IMAGE_SEQ_LENGTH, chat_template=chatml_template("<IMG_CONTEXT>\n"))
     vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=[TILE, TILE], patch_size=[PATCH, PATCH])
+                                  image_size=[TILE, TILE], patch_size=[PATCH, PATCH], initializer_range=INIT_STD)
     text = Qwen2Config(**TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+                       pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
-                            image_seq_length=IMAGE_SEQ_LENGTH, downsample_ratio=0.5, tie_word_embeddings=True)
+                            image_seq_length=IMAGE_SEQ_LENGTH, downsample_ratio=0.5, tie_word_embeddings=True,
+                            initializer_range=INIT_STD)
     model = InternVLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

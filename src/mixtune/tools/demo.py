@@ -55,13 +55,15 @@ DEMO_LORA = {
 def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8) -> tuple[float, list[dict]]:
     family, model, processor = load_model_and_processor(model_dir)
     model.eval()
-    render = make_renderer(processor, None, family.image_placeholder)
+    render = (make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
+              if family.uses_chat_template else None)
+    prompt_inputs = family.generation_inputs or generation_inputs
     convs = read_entry(DatasetEntry(name="chatml_dataset", data_files=data_file))
     tokenizer = processor.tokenizer
     rows, correct = [], 0
     for conv in convs:
         images = [load_image(r) for r in conv.images]
-        inputs = generation_inputs(conv, images, processor, render)
+        inputs = prompt_inputs(conv, images, processor, render)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
