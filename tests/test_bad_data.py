@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from conftest import red_image, write_config, write_json
+from conftest import red_image, write_config
 from mixtune.cli import main
 from mixtune.config import load_config
 from mixtune.data.dataset import build_split

@@ -68,9 +68,7 @@ def build_tiny(output_dir: str) -> str:
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
                          num_query_tokens=QUERY_TOKENS, image_token_index=tok.convert_tokens_to_ids("<image>"))
     model = Blip2ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

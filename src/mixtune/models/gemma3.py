@@ -41,9 +41,7 @@ def build_tiny(output_dir: str) -> str:
                           eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
                           image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

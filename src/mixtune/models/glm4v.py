@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mixtune.data.encode import encode_with_processor
 from mixtune.models.family import Family
-from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
+from mixtune.models.tiny import ROPE_THETA, TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
 IMAGE_MARKUP = "<|begin_of_image|><|image|><|end_of_image|>"
@@ -53,7 +53,7 @@ def build_tiny(output_dir: str) -> str:
                                chat_template=CHAT_TEMPLATE)
     text = dict(TEXT_SIZES, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5,
-                                 "rope_theta": 10000.0})
+                                 "rope_theta": ROPE_THETA})
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, image_size=112,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],

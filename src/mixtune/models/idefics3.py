@@ -49,9 +49,7 @@ def build_tiny(output_dir: str, kind: str = "idefics3") -> str:
     config = cls["Config"](vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                            scale_factor=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
     model = cls["ForConditionalGeneration"](config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

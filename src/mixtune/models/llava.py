@@ -47,9 +47,7 @@ def build_tiny(output_dir: str) -> str:
                          image_seq_length=(image_size // patch) ** 2, tie_word_embeddings=True,
                          initializer_range=INIT_STD)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

@@ -32,9 +32,7 @@ def build_tiny(output_dir: str) -> str:
                              image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
                              vision_feature_layer=-2, image_seq_length=(TILE // PATCH) ** 2, tie_word_embeddings=True)
     model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

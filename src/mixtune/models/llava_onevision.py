@@ -36,9 +36,7 @@ def build_tiny(output_dir: str) -> str:
                                   vision_feature_select_strategy="full", vision_feature_layer=-1,
                                   tie_word_embeddings=True)
     model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

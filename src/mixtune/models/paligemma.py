@@ -63,9 +63,7 @@ def build_tiny(output_dir: str) -> str:
     config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                              projection_dim=64, hidden_size=64, vocab_size=len(tok))
     model = PaliGemmaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
+    return save_checkpoint(model, processor, output_dir, tok)
 
 
 FAMILY = Family(

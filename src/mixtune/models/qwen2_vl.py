@@ -34,12 +34,6 @@ def text_sizes(tok, **extra) -> dict:
                 pad_token_id=tok.pad_token_id, **extra)
 
 
-def finish(model, tok, processor, output_dir: str) -> str:
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return save_checkpoint(model, processor, output_dir)
-
-
 def build_tiny(output_dir: str) -> str:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -59,7 +53,7 @@ def build_tiny(output_dir: str) -> str:
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids(tok), eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True,
                            initializer_range=INIT_STD)
-    return finish(Qwen2VLForConditionalGeneration(config), tok, processor, output_dir)
+    return save_checkpoint(Qwen2VLForConditionalGeneration(config), processor, output_dir, tok)
 
 
 FAMILY = Family(

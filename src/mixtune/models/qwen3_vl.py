@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from mixtune.models import qwen2_vl
-from mixtune.models.qwen2_vl import IMAGE_MARKUP, finish, qwen_tokenizer, text_sizes, token_ids
-from mixtune.models.tiny import chatml_template, seeded
+from mixtune.models.qwen2_vl import IMAGE_MARKUP, qwen_tokenizer, text_sizes, token_ids
+from mixtune.models.tiny import ROPE_THETA, chatml_template, save_checkpoint, seeded
 
 
 def build_tiny(output_dir: str) -> str:
@@ -22,13 +22,13 @@ def build_tiny(output_dir: str) -> str:
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok,
                                  video_processor=Qwen3VLVideoProcessor(), chat_template=chatml_template(IMAGE_MARKUP))
     text = text_sizes(tok, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                         "rope_theta": 10000.0, "mrope_interleaved": True})
+                                                         "rope_theta": ROPE_THETA, "mrope_interleaved": True})
     # the learned position grid must be square: 8x8 patches
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
     config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids(tok), tie_word_embeddings=True)
-    return finish(Qwen3VLForConditionalGeneration(config), tok, processor, output_dir)
+    return save_checkpoint(Qwen3VLForConditionalGeneration(config), processor, output_dir, tok)
 
 
 FAMILY = dataclasses.replace(

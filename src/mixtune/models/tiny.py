@@ -41,7 +41,11 @@ def chatml_template(image_markup: str, default_system: str | None = "You are a h
     )
 
 
-def save_checkpoint(model, processor, output_dir: str, seed: int = 0) -> str:
+def save_checkpoint(model, processor, output_dir: str, tok=None) -> str:
+    """Save like a real checkpoint; with `tok`, generation stops at its EOS and pads with its pad id."""
+    if tok is not None:
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mixtune.data.conversation import Conversation
 from mixtune.errors import ConfigError, DataError
 
 READERS: dict[str, Callable] = {}
