@@ -10,6 +10,7 @@ import torch
 from mixtune.config import Config
 from mixtune.data.collate import PadCollator
 from mixtune.data.dataset import build_split
+from mixtune.data.pack import pack_for_training
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
 from mixtune.train.freeze import apply_freeze, trainable_summary
@@ -77,8 +78,12 @@ def build_trainer(config: Config):
                           key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collator = PadCollator(pad_id)
+    if mix.mixtoken:
+        train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length,
+                                                args.data_seed if args.data_seed is not None else args.seed)
     return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                   data_collator=PadCollator(pad_id), processing_class=processor)
+                      data_collator=collator, processing_class=processor)
 
 
 def train(config: Config) -> dict:
