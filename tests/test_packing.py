@@ -14,7 +14,8 @@ from mixtune.config import build_config, load_config
 from mixtune.data.collate import PadCollator
 from mixtune.data.dataset import build_split
 from mixtune.data.encode import IGNORE_INDEX
-from mixtune.data.pack import PackCollator, PackedDataset, first_fit_decreasing
+from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_fit_decreasing, isolation_for,
+                               use_packed_sdpa)
 from mixtune.errors import ConfigError
 from mixtune.models import registry
 from mixtune.models.qwen2_vl import build_tiny_2_5
@@ -75,15 +76,19 @@ def per_token_losses(logits, labels, starts_and_lengths):
 
 
 @pytest.mark.parametrize("name,attn,flatten", [
-    ("qwen2_vl", "sdpa", False),
+    ("qwen2_vl", PACKED_SDPA, False),  # what mixtoken uses with SDPA
+    ("qwen2_vl", "sdpa", False),  # block-diagonal mask built by transformers from the positions
     ("qwen2_vl", "eager", False),
-    ("qwen2_vl", "sdpa", True),
+    ("qwen2_vl", "sdpa", True),  # one flattened row, as under flash-attention varlen
+    ("qwen2_5_vl", PACKED_SDPA, False),
     ("qwen2_5_vl", "sdpa", False),
+    ("llava", PACKED_SDPA, False),
     ("llava", "sdpa", False),
     ("llava", "eager", True),
 ])
 def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten):
-    family, model, processor = load_model_and_processor(model_dirs(name), attn)
+    # the reference runs the plain checkpoint (SDPA for mixtune's attention, which is switched on after)
+    family, model, processor = load_model_and_processor(model_dirs(name), "sdpa" if attn == PACKED_SDPA else attn)
     model.eval()  # no dropout; gradients still flow
     samples = uneven_samples(tmp_path, processor, family)
     # a sample whose first token carries a label: unpacked it is never a target (nothing precedes it);
@@ -94,6 +99,10 @@ def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, at
 
     padded = PadCollator(processor.tokenizer.pad_token_id)(order)
     ref, ref_grads = loss_and_grads(model, padded)
+    if attn == PACKED_SDPA:
+        use_packed_sdpa(model)
+        assert model.config.text_config._attn_implementation == PACKED_SDPA
+        assert model.config.vision_config._attn_implementation == "sdpa"
     packed = PackCollator(processor.tokenizer.pad_token_id, partial(family.pack_positions, model), flatten)(packs)
     assert "attention_mask" not in packed and packed["use_cache"] is False
     got, grads = loss_and_grads(model, packed)
@@ -127,6 +136,13 @@ def test_without_restarted_positions_samples_leak(model_dirs, tmp_path):
         leaky = PackCollator(pad_id, lambda s: torch.arange(len(s)))([samples])
         leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
         assert abs(model(**leaky).loss.item() - ref.item()) > 1e-3
+
+
+@pytest.mark.parametrize("attn,expected", [("flash_attention_2", "varlen"), ("flash_attention_3", "varlen"),
+                                           ("sdpa", "per_sample_sdpa"), ("eager", "mask"),
+                                           ("flex_attention", "mask")])
+def test_each_attention_implementation_gets_its_isolation(attn, expected):
+    assert isolation_for(attn) == expected
 
 
 def test_first_fit_decreasing_packs_every_sample_once_within_capacity():
@@ -179,8 +195,12 @@ def test_mixtoken_trains_end_to_end(model_dirs, tmp_path):
     trainer = build_trainer(cfg)
     assert isinstance(trainer.train_dataset, PackedDataset)
     assert len(trainer.train_dataset) < 12  # several samples per row
+    assert trainer.model.config.text_config._attn_implementation == PACKED_SDPA
+    assert trainer.data_collator.flatten is False
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    trainer.save_model(cfg.training.output_dir)
+    assert PACKED_SDPA not in open(f"{cfg.training.output_dir}/config.json").read()  # checkpoints stay plain
 
 
 def test_family_without_packing_hook_is_refused_when_config_is_read(model_dirs, monkeypatch, tmp_path):

@@ -42,7 +42,10 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
-    report = run_demo(args.family, args.output_dir, parse_overrides(extra))
+    overrides = parse_overrides(extra)
+    if args.mixtoken:
+        overrides["mixtoken"] = True
+    report = run_demo(args.family, args.output_dir, overrides)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
     return 0
 
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny model + demo data + fine-tune + accuracy before and after")
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", default="runs/demo")
+    p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.set_defaults(func=cmd_demo, extra_ok=True)
     return parser
 

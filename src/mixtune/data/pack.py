@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mixtune.data.collate import PadCollator
 from mixtune.data.encode import IGNORE_INDEX, Encoded
@@ -36,6 +39,8 @@ log = logging.getLogger("mixtune")
 
 # attention implementations whose packed path is varlen over one flattened row (cu_seqlens from positions)
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# mixtune's SDPA for packed rows (registered below): attends within each sample only
+PACKED_SDPA = "mixtune_packed_sdpa"
 
 
 def text_positions(model, sample: Encoded) -> torch.Tensor:
@@ -172,12 +177,73 @@ def _pad_positions(pos: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([pos, tail], dim=-1)
 
 
+def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA run on each packed sample alone, causal, found from where its positions restart.
+
+    A block-diagonal mask is exact but still pays for every cross-sample block (cost L^2 per row); this
+    pays sum(len^2) and computes no cross-sample terms at all: the CPU/SDPA counterpart of flash-attention
+    varlen. Anything that is not a packed row (eval batches, generation, the vision tower) goes to
+    transformers' own SDPA unchanged, with its mask.
+    """
+    cuts = _sample_cuts(position_ids, query.shape[2]) if query.shape[2] == key.shape[2] else None
+    if cuts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    rows = []
+    for b, row in enumerate(cuts):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
+                 for s, e in zip(row[:-1], row[1:])]
+        rows.append(torch.cat(parts, dim=1))  # (1, L, heads, head_dim), as sdpa_attention_forward returns
+    return torch.cat(rows, dim=0), None
+
+
+def _sample_cuts(position_ids, length: int) -> list[list[int]] | None:
+    """Per row, the indices where a sample starts (positions not following on by 1), plus the end; None
+    when no row holds more than one sequence (transformers' own rule, `find_packed_sequence_indices`)."""
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+    pos = position_ids.reshape(-1, length)
+    new = torch.ones_like(pos, dtype=torch.bool)
+    new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not new[:, 1:].any():
+        return None
+    return [row.nonzero().flatten().tolist() + [length] for row in new]
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the SDPA mask, for batches that are not packed
+
+
+def use_packed_sdpa(model) -> None:
+    """Switch the language model (only) from SDPA to `PACKED_SDPA`; not saved with the checkpoint."""
+    target = {"text_config": PACKED_SDPA} if "text_config" in getattr(model.config, "sub_configs", {}) else PACKED_SDPA
+    model.set_attn_implementation(target)
+
+
+def isolation_for(attn_implementation: str | None) -> str:
+    """How packed samples are kept apart under an attention implementation:
+    'varlen' (flash-attention: cu_seqlens from positions, one flattened row), 'per_sample_sdpa' (SDPA:
+    switched to `PACKED_SDPA`), or 'mask' (eager, flex: the block-diagonal causal mask transformers builds
+    from the positions)."""
+    if attn_implementation in VARLEN_ATTENTION:
+        return "varlen"
+    if attn_implementation in ("sdpa", PACKED_SDPA):
+        return "per_sample_sdpa"
+    return "mask"
+
+
 def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int):
-    """The train set as packs, and the collator that builds their rows for this model."""
+    """The train set as packs, and the collator that builds their rows for this model (whose language
+    model moves to `PACKED_SDPA` when it runs SDPA)."""
     packed = PackedDataset(train_set, max_length, seed)
-    attn = getattr(model.config, "_attn_implementation", None)
-    collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=attn in VARLEN_ATTENTION)
+    text_config = getattr(model.config, "text_config", None) or model.config
+    isolation = isolation_for(getattr(text_config, "_attn_implementation", None))
+    if isolation == "per_sample_sdpa":
+        use_packed_sdpa(model)
+    collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen")
     log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used); "
-             "isolation by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
-             f"{attn} varlen over one flattened row" if collator.flatten else f"{attn} block-diagonal causal mask")
+             "samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
+             {"varlen": "flash-attention varlen over one flattened row", "mask": "a block-diagonal causal mask",
+              "per_sample_sdpa": "SDPA run per sample"}[isolation])
     return packed, collator
