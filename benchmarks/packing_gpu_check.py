@@ -153,6 +153,8 @@ def main() -> None:
                      ("sdpa", torch.bfloat16), (PACKED_SDPA, torch.bfloat16)]
             if flash:
                 cases.append(("flash_attention_2", torch.bfloat16))
+            if name == "llava" and DEVICE == "cuda":  # the Qwen-VL classes do not take flex_attention
+                cases.append(("flex_attention", torch.float32))
             for attn, dtype in cases:
                 try:
                     r = check(model_dir, family, processor, samples, attn, dtype)

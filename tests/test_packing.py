@@ -138,11 +138,12 @@ def test_without_restarted_positions_samples_leak(model_dirs, tmp_path):
         assert abs(model(**leaky).loss.item() - ref.item()) > 1e-3
 
 
-@pytest.mark.parametrize("attn,expected", [("flash_attention_2", "varlen"), ("flash_attention_3", "varlen"),
-                                           ("sdpa", "per_sample_sdpa"), ("eager", "mask"),
-                                           ("flex_attention", "mask")])
-def test_each_attention_implementation_gets_its_isolation(attn, expected):
-    assert isolation_for(attn) == expected
+@pytest.mark.parametrize("attn,on_gpu,expected", [
+    ("flash_attention_2", True, "varlen"), ("flash_attention_3", True, "varlen"),
+    ("sdpa", False, "per_sample_sdpa"), ("sdpa", True, "mask"), ("eager", False, "mask"),
+    ("flex_attention", True, "mask")])
+def test_each_attention_implementation_gets_its_isolation(attn, on_gpu, expected):
+    assert isolation_for(attn, on_gpu) == expected
 
 
 def test_first_fit_decreasing_packs_every_sample_once_within_capacity():

@@ -221,24 +221,30 @@ def use_packed_sdpa(model) -> None:
     model.set_attn_implementation(target)
 
 
-def isolation_for(attn_implementation: str | None) -> str:
+def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
     """How packed samples are kept apart under an attention implementation:
-    'varlen' (flash-attention: cu_seqlens from positions, one flattened row), 'per_sample_sdpa' (SDPA:
-    switched to `PACKED_SDPA`), or 'mask' (eager, flex: the block-diagonal causal mask transformers builds
-    from the positions)."""
+    'varlen' (flash-attention: cu_seqlens from positions, one flattened row), 'per_sample_sdpa' (SDPA on
+    CPU: switched to `PACKED_SDPA`), or 'mask' (eager, flex, and SDPA on a GPU: the block-diagonal causal
+    mask transformers builds from the positions).
+
+    Why SDPA differs by device: on the CPU, per-sample SDPA took a packed epoch from 1.1x to 2.5x the
+    padded one's speed (benchmarks/packing.py); on an H100 with tiny models the per-sample kernel
+    launches cost more than the masked blocks (85 vs 35 ms a step), and flash-attention is the GPU path.
+    """
     if attn_implementation in VARLEN_ATTENTION:
         return "varlen"
-    if attn_implementation in ("sdpa", PACKED_SDPA):
+    if attn_implementation == PACKED_SDPA or (attn_implementation == "sdpa" and not on_gpu):
         return "per_sample_sdpa"
     return "mask"
 
 
-def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int):
+def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int,
+                      on_gpu: bool = False):
     """The train set as packs, and the collator that builds their rows for this model (whose language
-    model moves to `PACKED_SDPA` when it runs SDPA)."""
+    model moves to `PACKED_SDPA` when it runs SDPA on the CPU)."""
     packed = PackedDataset(train_set, max_length, seed)
     text_config = getattr(model.config, "text_config", None) or model.config
-    isolation = isolation_for(getattr(text_config, "_attn_implementation", None))
+    isolation = isolation_for(getattr(text_config, "_attn_implementation", None), on_gpu)
     if isolation == "per_sample_sdpa":
         use_packed_sdpa(model)
     collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen")

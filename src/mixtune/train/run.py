@@ -81,7 +81,8 @@ def build_trainer(config: Config):
     collator = PadCollator(pad_id)
     if mix.mixtoken:
         train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length,
-                                                args.data_seed if args.data_seed is not None else args.seed)
+                                                args.data_seed if args.data_seed is not None else args.seed,
+                                                on_gpu=torch.cuda.is_available() and not args.use_cpu)
     return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, processing_class=processor)
 
