@@ -2,8 +2,9 @@
 
 Data: `mixtune make-demo-data` VQA and captions, plus long captions mixed in (a quarter of the samples),
 on a tiny Qwen2-VL checkpoint, fp32, SDPA. Samples are encoded once beforehand, so only training is
-timed: forward, backward and an AdamW step over one epoch, `--repeats` times, in a fresh process per mode
-(so peak RSS is per mode). Padded: batches of `--batch_size` samples padded to the longest (mixtune's
+timed: forward, backward and an AdamW step over one epoch, `--repeats` times per mode, the two modes'
+epochs alternating in one process (so load from others on a shared CPU falls on both alike); peak RSS
+comes from a separate process per mode running one epoch. Padded: batches of `--batch_size` samples padded to the longest (mixtune's
 PadCollator). Packed: batches of `--rows` rows of up to `--max_length` tokens (first-fit-decreasing).
 
 real_token_fraction: real tokens over row capacity (rows x max_length) for packed; over padded slots for
@@ -29,7 +30,7 @@ from functools import partial
 
 
 def make_data(root: str, n_images: int, seed: int) -> str:
-    from mixtune.tools.demo_data import COUNTS, make_demo_data
+    from mixtune.tools.demo_data import make_demo_data
 
     make_demo_data(root, n_train_images=n_images, n_val_images=1, seed=seed)
     with open(os.path.join(root, "train.json")) as f:
@@ -83,43 +84,57 @@ def batches(mode: str, samples, model, family, pad_id: int, args, epoch: int):
             yield collate([packed[k] for k in order[i: i + args.rows]])
 
 
-def run_mode(mode: str, work: str, args) -> dict:
-    import torch
+class Trainee:
+    """One model + optimizer training in one mode; `epoch()` returns the seconds the training steps took."""
 
-    from mixtune.data.pack import use_packed_sdpa
-    from mixtune.train.run import load_model_and_processor
+    def __init__(self, mode: str, work: str, args):
+        import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    samples = torch.load(os.path.join(work, "samples.pt"), weights_only=False)
-    family, model, processor = load_model_and_processor(os.path.join(work, "model"), "sdpa")
-    if mode == "packed":
-        use_packed_sdpa(model)  # what `mixtoken: true` does with SDPA
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    pad_id = processor.tokenizer.pad_token_id
+        from mixtune.data.pack import use_packed_sdpa
+        from mixtune.train.run import load_model_and_processor
 
-    def step(inputs):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(args.seed)
+        self.mode, self.args = mode, args
+        self.samples = torch.load(os.path.join(work, "samples.pt"), weights_only=False)
+        self.family, self.model, processor = load_model_and_processor(os.path.join(work, "model"), "sdpa")
+        if mode == "packed":
+            use_packed_sdpa(self.model)  # what `mixtoken: true` does with SDPA on the CPU
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.slots = self.capacity = 0
+        for inputs in list(self.batches(epoch=-1))[:2]:  # warm-up
+            self.step(inputs)
 
-    for inputs in list(batches(mode, samples, model, family, pad_id, args, epoch=-1))[:2]:  # warm-up
-        step(inputs)
-    times, slots, capacity = [], 0, 0
-    for epoch in range(args.repeats):
-        todo = list(batches(mode, samples, model, family, pad_id, args, epoch))  # collation is not timed
-        slots = sum(b["input_ids"].numel() for b in todo)
-        capacity = sum(b["input_ids"].shape[0] for b in todo) * args.max_length
+    def batches(self, epoch: int):
+        return batches(self.mode, self.samples, self.model, self.family, self.pad_id, self.args, epoch)
+
+    def step(self, inputs) -> None:
+        self.model(**inputs).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def epoch(self, epoch: int) -> float:
+        todo = list(self.batches(epoch))  # collation is not timed
+        self.slots = sum(b["input_ids"].numel() for b in todo)
+        self.capacity = sum(b["input_ids"].shape[0] for b in todo) * self.args.max_length
         start = time.perf_counter()
         for inputs in todo:
-            step(inputs)
-        times.append(time.perf_counter() - start)
-    real = sum(len(s) for s in samples)
-    return {"mode": mode, "samples": len(samples), "real_tokens": real, "slots": slots,
-            "real_token_fraction": real / (capacity if mode == "packed" else slots),
-            "epoch_seconds": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            self.step(inputs)
+        return time.perf_counter() - start
+
+    def real_token_fraction(self) -> float:
+        real = sum(len(s) for s in self.samples)
+        return real / (self.capacity if self.mode == "packed" else self.slots)
+
+
+def peak_rss(mode: str, work: str, args) -> dict:
+    """Run in a child process: one epoch of one mode, so the peak RSS is that mode's alone."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    Trainee(mode, work, args).epoch(0)
+    return {"mode": mode, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def max_loss_diff(work: str, args) -> float:
@@ -140,7 +155,7 @@ def max_loss_diff(work: str, args) -> float:
     pack_rows = PackCollator(pad_id, partial(family.pack_positions, model))
     worst = 0.0
     with torch.no_grad():
-        for k in range(min(len(packed), args.check_packs)):
+        for k in range(min(len(packed), args.check_packs or len(packed))):
             got = packed_model(**pack_rows([packed[k]])).loss
             ref = model(**PadCollator(pad_id)(packed[k])).loss
             worst = max(worst, abs(got.item() - ref.item()))
@@ -155,7 +170,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help="packed: rows per step")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--check_packs", type=int, default=8)
+    p.add_argument("--check_packs", type=int, default=0, help="packs checked for max_loss_diff; 0: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small data, one repeat")
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -163,8 +178,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.images, args.repeats, args.check_packs = 12, 1, 3
-    if args.mode:  # child process: one mode, JSON on the last line
-        print(json.dumps(run_mode(args.mode, args.work, args)))
+    if args.mode:  # child process: one mode's peak RSS, JSON on the last line
+        print(json.dumps(peak_rss(args.mode, args.work, args)))
         return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -172,24 +187,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         prepare(work, args.images, args.seed)
-        results = {}
+        rss = {}
         for mode in ("padded", "packed"):
             cmd = [sys.executable, __file__, "--mode", mode, "--work", work] + sys.argv[1:]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(out.strip().splitlines()[-1])
+            rss[mode] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+        # both modes in one process, epochs alternating (and which goes first too), so that load from
+        # other processes on a shared machine falls on both alike
+        trainees = {mode: Trainee(mode, work, args) for mode in ("padded", "packed")}
+        times = {mode: [] for mode in trainees}
+        for epoch in range(args.repeats):
+            for mode in (("padded", "packed") if epoch % 2 == 0 else ("packed", "padded")):
+                times[mode].append(trainees[mode].epoch(epoch))
         diff = max_loss_diff(work, args)
-    print(f"torch threads: {args.threads}; tiny Qwen2-VL, fp32, SDPA; {results['padded']['samples']} samples; "
-          f"padded batch {args.batch_size} samples, packed {args.rows} row(s) of {args.max_length} tokens; "
-          f"median of {args.repeats} epoch(s)")
+    n = len(trainees["padded"].samples)
+    real = sum(len(s) for s in trainees["padded"].samples)
+    print(f"torch threads: {args.threads}; tiny Qwen2-VL, fp32, SDPA; {n} samples, {real} tokens; padded batch "
+          f"{args.batch_size} samples, packed {args.rows} row(s) of {args.max_length} tokens; median of "
+          f"{args.repeats} alternating epochs")
     print(f"{'mode':<8}{'samples/s':>11}{'tokens/s':>11}{'real frac':>11}{'epoch s':>9}{'peak RSS MiB':>14}")
     rate = {}
-    for mode, r in results.items():
-        sec = statistics.median(r["epoch_seconds"])
-        rate[mode] = r["samples"] / sec
-        print(f"{mode:<8}{rate[mode]:>11.1f}{r['real_tokens'] / sec:>11.0f}{r['real_token_fraction']:>11.3f}"
-              f"{sec:>9.2f}{r['peak_rss_mib']:>14.0f}   (epochs: {', '.join(f'{t:.2f}' for t in r['epoch_seconds'])})")
+    for mode, t in trainees.items():
+        sec = statistics.median(times[mode])
+        rate[mode] = n / sec
+        print(f"{mode:<8}{rate[mode]:>11.1f}{real / sec:>11.0f}{t.real_token_fraction():>11.3f}{sec:>9.2f}"
+              f"{rss[mode]:>14.0f}   (epochs: {', '.join(f'{x:.2f}' for x in times[mode])})")
     print(f"RESULT speedup={rate['packed'] / rate['padded']:.2f} "
-          f"real_token_fraction={results['packed']['real_token_fraction']:.4f} max_loss_diff={diff:.2e}")
+          f"real_token_fraction={trainees['packed'].real_token_fraction():.4f} max_loss_diff={diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,11 @@ def test_family_without_packing_hook_is_refused_when_config_is_read(model_dirs, 
         build_config(raw)
     raw["mixtoken"] = False
     build_config(raw)  # fine without packing
+
+
+def test_paddlemix_length_grouping_gives_way_to_packing(model_dirs, tmp_path):
+    raw = {"model_name_or_path": model_dirs("qwen2_vl"), "dataset": {"train": []}, "mixtoken": True,
+           "group_by_modality_length": True, "output_dir": str(tmp_path / "o")}
+    cfg = build_config(raw)
+    assert cfg.training.train_sampling_strategy == "random"
+    assert any("group_by_length has no effect with mixtoken" in n for n in cfg.notes)

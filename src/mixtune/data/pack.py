@@ -10,8 +10,9 @@ order, and gives every sample position ids that restart at 0 (for M-RoPE familie
 the model's own rope-index function, per sample, concatenated; see `Family.pack_positions`). With no 2-D
 attention mask, transformers reads the restarts as sample boundaries: a block-diagonal causal mask for
 SDPA / eager / flex, and cu_seqlens for flash-attention varlen, which only does so for a batch of one
-row, so under flash-attention the collator joins all rows into one, unpadded. `use_cache=False` is sent
-too: with a cache, transformers skips packed-sequence detection and samples would leak into each other.
+row, so under flash-attention the collator joins all rows into one, unpadded. On the CPU, SDPA is
+swapped for `PACKED_SDPA`, which runs SDPA on each sample alone (see `isolation_for`). `use_cache=False`
+is sent too: with a cache, transformers skips packed-sequence detection and samples would leak.
 
 Loss: the first label of each sample is masked, so the last token of one sample is never trained to
 predict the first token of the next. Every other label is where it was, so the loss (averaged over label
