@@ -16,7 +16,7 @@ from mixtune.data.dataset import build_split
 from mixtune.data.encode import IGNORE_INDEX
 from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_fit_decreasing, isolation_for,
                                use_packed_sdpa)
-from mixtune.errors import ConfigError
+from mixtune.errors import ConfigError, DataError
 from mixtune.models import registry
 from mixtune.models.qwen2_vl import build_tiny_2_5
 from mixtune.train.run import load_model_and_processor
@@ -155,6 +155,8 @@ def test_first_fit_decreasing_packs_every_sample_once_within_capacity():
     assert first_fit_decreasing(lengths, 512, seed=0) == bins  # reproducible from the seed
     with pytest.raises(ValueError, match="sample 9"):
         first_fit_decreasing(lengths, 511)
+    with pytest.raises(DataError, match="sample 9 has 512 tokens.*raise max_length"):
+        PackedDataset(list(range(len(lengths))), 511, lengths=lengths)
 
 
 def test_first_fit_decreasing_is_first_fit():

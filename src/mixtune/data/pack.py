@@ -35,6 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mixtune.data.collate import PadCollator
 from mixtune.data.encode import IGNORE_INDEX, Encoded
+from mixtune.errors import DataError
 
 log = logging.getLogger("mixtune")
 
@@ -104,7 +105,10 @@ class PackedDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.max_length = max_length
         self.lengths = list(lengths) if lengths is not None else sample_lengths(dataset)
-        self.packs = first_fit_decreasing(self.lengths, max_length, seed)
+        try:
+            self.packs = first_fit_decreasing(self.lengths, max_length, seed)
+        except ValueError as e:
+            raise DataError(f"{e}; raise max_length or shorten the sample") from None
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -249,8 +253,8 @@ def pack_for_training(train_set, family, model, pad_token_id: int, max_length: i
     if isolation == "per_sample_sdpa":
         use_packed_sdpa(model)
     collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen")
-    log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used); "
-             "samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
+    log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used; "
+             "per_device_train_batch_size counts rows); samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
              {"varlen": "flash-attention varlen over one flattened row", "mask": "a block-diagonal causal mask",
               "per_sample_sdpa": "SDPA run per sample"}[isolation])
     return packed, collator
