@@ -165,6 +165,31 @@ def test_first_fit_decreasing_is_first_fit():
     assert first_fit_decreasing([2, 3, 5, 1, 4, 6], 9) == [[5, 1], [2, 4], [0, 3]]
 
 
+def test_packs_are_redrawn_each_epoch_from_the_seed():
+    class Redrawn(list):  # a dataset that redraws its samples per epoch, like a weighted mixture
+        def set_epoch(self, epoch):
+            self[:] = [10 + (i * 7 + epoch * 3) % 40 for i in range(30)]
+
+        def lengths(self):
+            return list(self)
+
+    def fresh():
+        data = Redrawn()
+        data.set_epoch(0)
+        return data
+
+    packed = PackedDataset(fresh(), 64, seed=0)
+    first = [list(p) for p in packed.packs]
+    packed.set_epoch(1)
+    data = packed.dataset
+    assert packed.lengths == data.lengths() and packed.packs != first
+    assert sorted(i for p in packed.packs for i in p) == list(range(30))
+    assert all(sum(data[i] for i in p) <= 64 for p in packed.packs)
+    again = PackedDataset(fresh(), 64, seed=0)
+    again.set_epoch(1)
+    assert again.packs == packed.packs  # the same seed and epoch give the same rows
+
+
 def test_packed_dataset_serves_packs_with_images_in_order(model_dirs, tmp_path):
     family, model, processor = load_model_and_processor(model_dirs("qwen2_vl"))
     samples = uneven_samples(tmp_path, processor, family)

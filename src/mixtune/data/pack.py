@@ -104,11 +104,27 @@ class PackedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, max_length: int, seed: int = 0, lengths: Sequence[int] | None = None):
         self.dataset = dataset
         self.max_length = max_length
+        self.seed = seed
+        self.epoch = 0
         self.lengths = list(lengths) if lengths is not None else sample_lengths(dataset)
+        self.packs = self.pack()
+
+    def pack(self) -> list[list[int]]:
         try:
-            self.packs = first_fit_decreasing(self.lengths, max_length, seed)
+            return first_fit_decreasing(self.lengths, self.max_length, self.seed + self.epoch)
         except ValueError as e:
             raise DataError(f"{e}; raise max_length or shorten the sample") from None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-pack for a new epoch: a dataset that redraws its samples per epoch (a weighted mixture) is
+        redrawn first, and ties between equal lengths fall differently, so rows mix samples anew."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+            self.lengths = sample_lengths(self.dataset)
+        self.packs = self.pack()
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -129,10 +145,11 @@ class PackCollator:
     # sample -> its position ids, (L,) or (rows, L): `partial(family.pack_positions, model)`
     positions: Callable[[Encoded], torch.Tensor]
     flatten: bool = False  # flash-attention varlen: one row of all samples, no padding
+    unpacked: Callable | None = None  # the collator for plain samples (eval); default PadCollator
 
     def __call__(self, batch: list) -> dict[str, torch.Tensor]:
         if batch and isinstance(batch[0], Encoded):
-            return PadCollator(self.pad_token_id)(batch)
+            return (self.unpacked or PadCollator(self.pad_token_id))(batch)
         rows: list[list[Encoded]] = [list(pack) for pack in batch]
         if self.flatten:
             rows = [[s for row in rows for s in row]]
@@ -243,8 +260,19 @@ def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
     return "mask"
 
 
+def repack_callback(packed: PackedDataset):
+    """A TrainerCallback that re-packs at each epoch's start (`PackedDataset.set_epoch`)."""
+    from transformers import TrainerCallback
+
+    class Repack(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            packed.set_epoch(int(state.epoch + 1e-6))  # fractional when resuming mid-epoch
+
+    return Repack()
+
+
 def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int,
-                      on_gpu: bool = False):
+                      on_gpu: bool = False, unpacked: Callable | None = None):
     """The train set as packs, and the collator that builds their rows for this model (whose language
     model moves to `PACKED_SDPA` when it runs SDPA on the CPU)."""
     packed = PackedDataset(train_set, max_length, seed)
@@ -252,7 +280,8 @@ def pack_for_training(train_set, family, model, pad_token_id: int, max_length: i
     isolation = isolation_for(getattr(text_config, "_attn_implementation", None), on_gpu)
     if isolation == "per_sample_sdpa":
         use_packed_sdpa(model)
-    collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen")
+    collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen",
+                            unpacked=unpacked)
     log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used; "
              "per_device_train_batch_size counts rows); samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
              {"varlen": "flash-attention varlen over one flattened row", "mask": "a block-diagonal causal mask",

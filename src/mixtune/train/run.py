@@ -10,7 +10,7 @@ import torch
 from mixtune.config import Config
 from mixtune.data.collate import PadCollator
 from mixtune.data.dataset import build_split
-from mixtune.data.pack import pack_for_training
+from mixtune.data.pack import pack_for_training, repack_callback
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
 from mixtune.train.freeze import apply_freeze, trainable_summary
@@ -78,13 +78,15 @@ def build_trainer(config: Config):
                           key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = PadCollator(pad_id)
-    if mix.mixtoken:
+    collator, callbacks = PadCollator(pad_id), []
+    if mix.mixtoken:  # eval batches stay padded (the PadCollator above); train batches are packed rows
         train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length,
                                                 args.data_seed if args.data_seed is not None else args.seed,
-                                                on_gpu=torch.cuda.is_available() and not args.use_cpu)
+                                                on_gpu=torch.cuda.is_available() and not args.use_cpu,
+                                                unpacked=collator)
+        callbacks.append(repack_callback(train_set))
     return MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=processor)
+                      data_collator=collator, processing_class=processor, callbacks=callbacks)
 
 
 def train(config: Config) -> dict:
