@@ -51,7 +51,7 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
-    report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora)
+    report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora, mixtoken=args.mixtoken)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
     return 0
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
+    p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.set_defaults(func=cmd_demo, extra_ok=True)
     return parser
 

@@ -257,6 +257,10 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
         raise ConfigError(f"'{mix.device}' requested but torch sees no GPU", key="device")
     if mix.device == "cpu" or not torch.cuda.is_available():
         train_kwargs.setdefault("use_cpu", True)  # lets bf16 run on CPU instead of failing the GPU check
+    if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
+        # packs already group samples by length; the length-grouped sampler cannot read packs
+        train_kwargs["train_sampling_strategy"] = "random"
+        notes.append("group_by_length has no effect with mixtoken: packs are shuffled instead")
     if mix.fp16_opt_level == "O2" and (train_kwargs.get("bf16") or train_kwargs.get("fp16")):
         notes.append("fp16_opt_level O2: mixtune keeps fp32 master weights and autocasts (O1 semantics)")
     for key in ("output_dir", "logging_dir"):
@@ -300,7 +304,7 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
     if mix.eval_with_do_generation:
         raise NotSupportedYet("eval_with_do_generation", "evaluation by generation during training")
     if mix.mixtoken:
-        raise NotSupportedYet("mixtoken", "MixToken packing")
+        check_mixtoken(mix)
     if mix.lora:
         if mix.lora_rank < 1:
             raise ConfigError("must be >= 1", key="lora_rank")
@@ -317,6 +321,16 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
                 notes.append(f"'{key}' has no effect without 'lora: true'")
     if mix.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
         raise ConfigError(f"unknown attention implementation {mix.attn_implementation!r}", key="attn_implementation")
+
+
+def check_mixtoken(mix: MixtuneArgs) -> None:
+    """Refuse packing up front for a family that cannot keep packed samples apart exactly."""
+    from mixtune.models.registry import family_for_checkpoint
+
+    family = family_for_checkpoint(mix.model_name_or_path)
+    if family.pack_positions is None:
+        raise ConfigError(f"the {family.name} family cannot pack samples with exact attention isolation yet "
+                          "(it has no `pack_positions` hook); set mixtoken: false", key="mixtoken")
 
 
 def load_config(path: str, overrides: dict | None = None) -> Config:

@@ -40,6 +40,11 @@ class Family:
     collate_media: Callable[[list[dict]], dict] | None = None
     # Python modules the family's processor imports beyond mixtune's dependencies (SmolVLM: num2words).
     requires: tuple[str, ...] = ()
+    # MixToken packing: (model, Encoded sample) -> that sample's position ids as the model takes them for a
+    # batch of one: (L,) for 1-D RoPE (`mixtune.data.pack.text_positions`), (rows, L) for M-RoPE. Packed
+    # rows concatenate them; positions restarting at 0 are what keep samples apart. None: the family
+    # cannot pack exactly, and `mixtoken: true` is refused when the config is read.
+    pack_positions: Callable[[Any, Any], Any] | None = None
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
 

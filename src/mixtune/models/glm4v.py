@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mixtune.data.encode import encode_with_processor
 from mixtune.models.family import Family
+from mixtune.models.qwen2_vl import mrope_positions
 from mixtune.models.tiny import ROPE_THETA, TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
@@ -76,4 +77,5 @@ FAMILY = Family(
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
     encode=encode,
+    pack_positions=mrope_positions,
 )

@@ -8,6 +8,7 @@ SmolVLM shares this file's builder.
 from __future__ import annotations
 
 from mixtune.data.collate import pad_and_concat
+from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
@@ -62,4 +63,5 @@ FAMILY = Family(
     image_placeholder="<image>",
     build_tiny=build_tiny,
     collate_media=pad_and_concat,
+    pack_positions=text_positions,
 )

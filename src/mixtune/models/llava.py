@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
@@ -59,4 +60,5 @@ FAMILY = Family(
     lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     image_placeholder="<image>",
     build_tiny=build_tiny,
+    pack_positions=text_positions,
 )

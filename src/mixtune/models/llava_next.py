@@ -5,6 +5,7 @@ zero-pads tiles (the model unpads them by `image_sizes`). `image_newline` belong
 from __future__ import annotations
 
 from mixtune.data.collate import pad_and_concat
+from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.llava import CHAT_TEMPLATE, llama_tokenizer
 from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
@@ -45,4 +46,5 @@ FAMILY = Family(
     image_placeholder="<image>",
     build_tiny=build_tiny,
     collate_media=pad_and_concat,
+    pack_positions=text_positions,
 )

@@ -4,6 +4,7 @@ LLaVA-NeXT's anyres tiling, so tiles are zero-padded per batch like LLaVA-NeXT's
 from __future__ import annotations
 
 from mixtune.data.collate import pad_and_concat
+from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import TEXT_SIZES, chatml_template, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
@@ -49,4 +50,5 @@ FAMILY = Family(
     image_placeholder="<image>\n",
     build_tiny=build_tiny,
     collate_media=pad_and_concat,
+    pack_positions=text_positions,
 )

@@ -5,6 +5,9 @@ Qwen2.5-VL and Qwen3-VL reuse this file's tokenizer and template; they differ on
 
 from __future__ import annotations
 
+import torch
+
+from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_template, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
@@ -56,6 +59,28 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(Qwen2VLForConditionalGeneration(config), processor, output_dir, tok)
 
 
+def mrope_positions(model, sample) -> torch.Tensor:
+    """(4, L): row 0 the text positions 0..L-1, which transformers reads for sample boundaries when packed;
+    rows 1-3 the M-RoPE (temporal, height, width) positions from the model's own `get_rope_index`, run on
+    this sample alone, since it treats a packed row as one sequence."""
+    mm = sample.token_fields.get("mm_token_type_ids")
+    text = text_positions(model, sample)[None]
+    if mm is None:  # a processor without modality ids: text only, all three rows are the text positions
+        return text.expand(4, -1)
+    grids = {k: sample.media[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if k in sample.media}
+    with torch.no_grad():
+        rope, _ = _inner(model).get_rope_index(sample.input_ids[None], mm[None], **grids)
+    return torch.cat([text, rope[:, 0].to(text.dtype)], dim=0)
+
+
+def _inner(model):
+    """The module holding `get_rope_index` (Qwen2VLModel), also under a peft wrapper."""
+    while not hasattr(type(model), "get_rope_index"):
+        model = model.model if hasattr(model, "model") else model.base_model
+    return model
+
+
 FAMILY = Family(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
@@ -65,4 +90,5 @@ FAMILY = Family(
     lora_targets=LORA_TARGETS,
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
+    pack_positions=mrope_positions,
 )

@@ -72,7 +72,7 @@ def family_for_checkpoint(model_name_or_path: str) -> Family:
 def support_table() -> str:
     """`mixtune list-models`. SFT, LoRA and generation hold for every registered family because
     tests/test_zoo.py is parametrised over this registry and checks each of them on a tiny checkpoint;
-    packing is read from the family's own `packing` field where the packing code defines one."""
+    packing is read from the family's own `pack_positions`; tests/test_packing.py proves it for each."""
     import importlib.util
 
     rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "notes")]
@@ -83,7 +83,7 @@ def support_table() -> str:
         if fam.default_chat_template:
             notes.append("built-in prompt format when the checkpoint has no chat template")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
-        packing = "yes" if getattr(fam, "packing", None) else "no"
+        packing = "yes" if fam.pack_positions else "no"
         rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes", "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \

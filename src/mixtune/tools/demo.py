@@ -50,6 +50,10 @@ DEMO_LORA = {
     "lora_modules_to_save": ["projector", r".*language_model\.norm"],
 }
 
+# With MixToken a batch counts rows, and a 512-token row holds about nine demo samples: one row per step
+# keeps the number of samples per optimizer step (and so the step count) close to the padded demo's.
+DEMO_MIXTOKEN = {"mixtoken": True, "per_device_train_batch_size": 1}
+
 
 @torch.no_grad()
 def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8) -> tuple[float, list[dict]]:
@@ -74,7 +78,7 @@ def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8) -> 
 
 
 def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overrides: dict | None = None,
-             lora: bool = False) -> dict:
+             lora: bool = False, mixtoken: bool = False) -> dict:
     start = time.time()
     # The tiny model's matrices are too small to gain from threads, and on a loaded machine torch's
     # thread pool makes each step 10-50x slower (measured): one thread is faster and steady.
@@ -97,6 +101,7 @@ def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overr
         "overwrite_output_dir": True,
         **DEMO_TRAINING,
         **(DEMO_LORA if lora else {}),
+        **(DEMO_MIXTOKEN if mixtoken else {}),
         **(overrides or {}),
     }
     config = build_config(raw)
@@ -124,6 +129,7 @@ def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overr
         "train_runtime_s": round(metrics.get("train_runtime", 0), 1),
         "total_runtime_s": round(time.time() - start, 1),
         "lora": config.mix.lora,
+        "mixtoken": config.mix.mixtoken,
         "model_dir": answer_dir,
         "examples": rows[:8],
     }

@@ -13,6 +13,7 @@ from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
 from mixtune.data.dataset import build_split
 from mixtune.data.mix import epoch_callback
+from mixtune.data.pack import pack_for_training
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.models.registry import family_for_checkpoint
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
@@ -94,10 +95,17 @@ def build_trainer(config: Config):
                           key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collator = PadCollator(pad_id, family.collate_media)
+    if mix.mixtoken:  # eval batches stay padded (the PadCollator above); train batches are packed rows
+        train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length,
+                                                args.data_seed if args.data_seed is not None else args.seed,
+                                                on_gpu=torch.cuda.is_available() and not args.use_cpu,
+                                                unpacked=collator)
     # several eval entries: the Trainer reports eval_<name>_loss for each, MixTrainer adds the overall eval_loss
     eval_arg = eval_set.by_entry() if eval_set is not None and len(eval_set.parts) > 1 else eval_set
+    # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
-                         data_collator=PadCollator(pad_id, family.collate_media), processing_class=processor,
+                         data_collator=collator, processing_class=processor,
                          callbacks=[epoch_callback(train_set)])
     trainer.skipped_samples = skipped
     return trainer

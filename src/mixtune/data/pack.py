@@ -1,0 +1,293 @@
+"""MixToken: several samples share each row of up to `max_length` tokens, and still never see each other.
+
+Packing: first-fit-decreasing over the samples' token lengths (image tokens included) groups sample
+indices into packs; `PackedDataset` serves one pack per item, and the Trainer's seeded sampler reshuffles
+the order of packs every epoch. Ties between equal lengths are broken by a seeded shuffle, so the packs
+are reproducible from the seed.
+
+Isolation: `PackCollator` concatenates each pack's samples into one row, with each sample's images in
+order, and gives every sample position ids that restart at 0 (for M-RoPE families the 3-D positions from
+the model's own rope-index function, per sample, concatenated; see `Family.pack_positions`). With no 2-D
+attention mask, transformers reads the restarts as sample boundaries: a block-diagonal causal mask for
+SDPA / eager / flex, and cu_seqlens for flash-attention varlen, which only does so for a batch of one
+row, so under flash-attention the collator joins all rows into one, unpadded. On the CPU, SDPA is
+swapped for `PACKED_SDPA`, which runs SDPA on each sample alone (see `isolation_for`). `use_cache=False`
+is sent too: with a cache, transformers skips packed-sequence detection and samples would leak.
+
+Loss: the first label of each sample is masked, so the last token of one sample is never trained to
+predict the first token of the next. Every other label is where it was, so the loss (averaged over label
+tokens, and the Trainer's `num_items_in_batch` count over `labels[..., 1:]`) covers exactly the tokens
+that the same samples unpacked would: per-token losses and gradients match.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mixtune.data.collate import PadCollator
+from mixtune.data.encode import IGNORE_INDEX, Encoded
+from mixtune.errors import DataError
+
+log = logging.getLogger("mixtune")
+
+# attention implementations whose packed path is varlen over one flattened row (cu_seqlens from positions)
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# mixtune's SDPA for packed rows (registered below): attends within each sample only
+PACKED_SDPA = "mixtune_packed_sdpa"
+
+
+def text_positions(model, sample: Encoded) -> torch.Tensor:
+    """`Family.pack_positions` for 1-D RoPE language models: 0..L-1."""
+    return torch.arange(len(sample))
+
+
+def sample_lengths(dataset) -> list[int]:
+    """Token length of every sample; the dataset's own (cached) `lengths()` when it has one."""
+    if hasattr(dataset, "lengths"):
+        return list(dataset.lengths())
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [n for part in dataset.datasets for n in sample_lengths(part)]
+    # fallback: encode every sample once (images included), which is what the cached lengths avoid
+    return [len(dataset[i]) for i in range(len(dataset))]
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Pack item indices into bins of `capacity`: longest first, each into the first bin it fits.
+
+    A max-tree over the bins' free space finds the first fitting bin in O(log n), so a million samples
+    pack in seconds. Within a bin, indices keep the order they were placed in.
+    """
+    n = len(lengths)
+    too_long = [i for i in range(n) if lengths[i] > capacity]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, over the row size {capacity}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    size = 1
+    while size < max(n, 1):
+        size *= 2
+    tree = [0] * (2 * size)  # tree[size + b] = free space of bin b; unopened bins count as full capacity
+    for b in range(size):
+        tree[size + b] = capacity
+    for node in range(size - 1, 0, -1):
+        tree[node] = max(tree[2 * node], tree[2 * node + 1])
+    bins: list[list[int]] = []
+    for i in order:
+        need, node = lengths[i], 1
+        while node < size:  # descend to the leftmost leaf with enough room
+            node = 2 * node if tree[2 * node] >= need else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        tree[node] -= need
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """A dataset of packs: item k is the list of samples first-fit-decreasing put into row k."""
+
+    def __init__(self, dataset, max_length: int, seed: int = 0, lengths: Sequence[int] | None = None):
+        self.dataset = dataset
+        self.max_length = max_length
+        self.seed = seed
+        self.epoch = 0
+        self.lengths = list(lengths) if lengths is not None else sample_lengths(dataset)
+        self.packs = self.pack()
+
+    def pack(self) -> list[list[int]]:
+        try:
+            return first_fit_decreasing(self.lengths, self.max_length, self.seed + self.epoch)
+        except ValueError as e:
+            raise DataError(f"{e}; raise max_length or shorten the sample") from None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-pack for a new epoch: a dataset that redraws its samples per epoch (a weighted mixture) is
+        redrawn first, and ties between equal lengths fall differently, so rows mix samples anew."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+            self.lengths = sample_lengths(self.dataset)
+        self.packs = self.pack()
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, k: int) -> list[Encoded]:
+        return [self.dataset[i] for i in self.packs[k]]
+
+    def fill(self) -> float:
+        """Real tokens over row capacity, across all packs."""
+        return sum(self.lengths) / max(len(self.packs) * self.max_length, 1)
+
+
+@dataclass
+class PackCollator:
+    """Packs -> one row each, positions restarting per sample; plain samples (eval) -> padded batch."""
+
+    pad_token_id: int
+    # sample -> its position ids, (L,) or (rows, L): `partial(family.pack_positions, model)`
+    positions: Callable[[Encoded], torch.Tensor]
+    flatten: bool = False  # flash-attention varlen: one row of all samples, no padding
+    unpacked: Callable | None = None  # the collator for plain samples (eval); default PadCollator
+    collate_media: Callable | None = None  # the family's, when pixel shapes vary per sample
+
+    def __call__(self, batch: list) -> dict[str, torch.Tensor]:
+        if batch and isinstance(batch[0], Encoded):
+            return (self.unpacked or PadCollator(self.pad_token_id))(batch)
+        rows: list[list[Encoded]] = [list(pack) for pack in batch]
+        if self.flatten:
+            rows = [[s for row in rows for s in row]]
+        built = [self.build_row(row) for row in rows]
+        length = max(r["input_ids"].shape[0] for r in built)
+        inputs = {
+            "input_ids": _pad_stack([r["input_ids"] for r in built], length, self.pad_token_id),
+            "labels": _pad_stack([r["labels"] for r in built], length, IGNORE_INDEX),
+            # the pad tail gets positions of its own, 0.., so it reads as one more (label-free) sample
+            "position_ids": torch.stack([_pad_positions(r["position_ids"], length) for r in built], dim=-2),
+            "use_cache": False,
+        }
+        for key in rows[0][0].token_fields:
+            inputs[key] = _pad_stack([r["token_fields"][key] for r in built], length, 0)
+        # images travel in the same order as their tokens appear in the batch: row by row, sample by sample
+        samples = [s for row in rows for s in row]  # images in the order their tokens appear
+        if self.collate_media is not None:
+            inputs.update(self.collate_media([s.media for s in samples]))
+        else:
+            for key in sorted({k for s in samples for k in s.media}):
+                inputs[key] = torch.cat([s.media[key] for s in samples if key in s.media], dim=0)
+        return inputs
+
+    def build_row(self, samples: list[Encoded]) -> dict:
+        labels = []
+        for s in samples:
+            lab = s.labels.clone()
+            lab[0] = IGNORE_INDEX  # the previous sample's last token must not learn to predict this one
+            labels.append(lab)
+        return {
+            "input_ids": torch.cat([s.input_ids for s in samples]),
+            "labels": torch.cat(labels),
+            "position_ids": torch.cat([self.positions(s) for s in samples], dim=-1),
+            "token_fields": {k: torch.cat([s.token_fields[k] for s in samples]) for k in samples[0].token_fields},
+        }
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
+def _pad_positions(pos: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - pos.shape[-1]
+    if pad == 0:
+        return pos
+    tail = torch.arange(pad, dtype=pos.dtype).expand(*pos.shape[:-1], pad)
+    return torch.cat([pos, tail], dim=-1)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA run on each packed sample alone, causal, found from where its positions restart.
+
+    A block-diagonal mask is exact but still pays for every cross-sample block (cost L^2 per row); this
+    pays sum(len^2) and computes no cross-sample terms at all: the CPU/SDPA counterpart of flash-attention
+    varlen. Anything that is not a packed row (eval batches, generation, the vision tower) goes to
+    transformers' own SDPA unchanged, with its mask.
+    """
+    cuts = _sample_cuts(position_ids, query.shape[2]) if query.shape[2] == key.shape[2] else None
+    if cuts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    rows = []
+    for b, row in enumerate(cuts):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
+                 for s, e in zip(row[:-1], row[1:])]
+        rows.append(torch.cat(parts, dim=1))  # (1, L, heads, head_dim), as sdpa_attention_forward returns
+    return torch.cat(rows, dim=0), None
+
+
+def _sample_cuts(position_ids, length: int) -> list[list[int]] | None:
+    """Per row, the indices where a sample starts (positions not following on by 1), plus the end; None
+    when no row holds more than one sequence (transformers' own rule, `find_packed_sequence_indices`)."""
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+    pos = position_ids.reshape(-1, length)
+    new = torch.ones_like(pos, dtype=torch.bool)
+    new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not new[:, 1:].any():
+        return None
+    return [row.nonzero().flatten().tolist() + [length] for row in new]
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the SDPA mask, for batches that are not packed
+
+
+def use_packed_sdpa(model) -> None:
+    """Switch the language model (only) from SDPA to `PACKED_SDPA`; not saved with the checkpoint."""
+    target = {"text_config": PACKED_SDPA} if "text_config" in getattr(model.config, "sub_configs", {}) else PACKED_SDPA
+    model.set_attn_implementation(target)
+
+
+def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
+    """How packed samples are kept apart under an attention implementation:
+    'varlen' (flash-attention: cu_seqlens from positions, one flattened row), 'per_sample_sdpa' (SDPA on
+    CPU: switched to `PACKED_SDPA`), or 'mask' (eager, flex, and SDPA on a GPU: the block-diagonal causal
+    mask transformers builds from the positions).
+
+    Why SDPA differs by device: on the CPU, per-sample SDPA took a packed epoch from 1.1x to 2.5x the
+    padded one's speed (benchmarks/packing.py); on an H100 with tiny models the per-sample kernel
+    launches cost more than the masked blocks (85 vs 35 ms a step), and flash-attention is the GPU path.
+    """
+    if attn_implementation in VARLEN_ATTENTION:
+        return "varlen"
+    if attn_implementation == PACKED_SDPA or (attn_implementation == "sdpa" and not on_gpu):
+        return "per_sample_sdpa"
+    return "mask"
+
+
+def repack_callback(packed: PackedDataset):
+    """A TrainerCallback that re-packs at each epoch's start (`PackedDataset.set_epoch`)."""
+    from transformers import TrainerCallback
+
+    class Repack(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            packed.set_epoch(int(state.epoch + 1e-6))  # fractional when resuming mid-epoch
+
+    return Repack()
+
+
+def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int,
+                      on_gpu: bool = False, unpacked: Callable | None = None):
+    """The train set as packs, and the collator that builds their rows for this model (whose language
+    model moves to `PACKED_SDPA` when it runs SDPA on the CPU)."""
+    packed = PackedDataset(train_set, max_length, seed)
+    text_config = getattr(model.config, "text_config", None) or model.config
+    isolation = isolation_for(getattr(text_config, "_attn_implementation", None), on_gpu)
+    if isolation == "per_sample_sdpa":
+        use_packed_sdpa(model)
+    collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen",
+                            unpacked=unpacked, collate_media=family.collate_media)
+    log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used; "
+             "per_device_train_batch_size counts rows); samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
+             {"varlen": "flash-attention varlen over one flattened row", "mask": "a block-diagonal causal mask",
+              "per_sample_sdpa": "SDPA run per sample"}[isolation])
+    return packed, collator
