@@ -41,13 +41,15 @@ DEMO_TRAINING = {
     "dataloader_num_workers": 0,
 }
 
-# `--lora`. The tiny model's weights are random: its frozen final norm and small embeddings cap the logits
-# (loss stalls near 5.2 with adapters alone), so the final norm trains fully beside the adapters, as does the
-# projector. Adapters want a larger step than full fine-tuning.
+# `--lora`. The tiny model's weights are random, which no real LoRA run faces: a random vision tower gives
+# features too poor to answer from (measured: 0.60 accuracy with it frozen), and the frozen random final norm
+# caps the logits (loss stalls near 5.2 with adapters alone). So the vision tower, the projector and the final
+# norm train fully beside the language model's adapters (measured: 0.91 after 6 epochs; 8 for a margin).
 DEMO_LORA = {
     "lora": True,
-    "learning_rate": 1e-2,
-    "lora_modules_to_save": ["projector", r".*language_model\.norm"],
+    "learning_rate": 3e-3,
+    "num_train_epochs": 8,
+    "lora_modules_to_save": ["vision", "projector", r".*language_model\.norm"],
 }
 
 # With MixToken a batch counts rows, and a 512-token row holds about nine demo samples: one row per step
