@@ -79,7 +79,8 @@ def build_trainer(config: Config):
         apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
-    data_opts = dict(seed=args.data_seed if args.data_seed is not None else args.seed, cache_dir=mix.data_cache_dir,
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
                      defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
@@ -97,8 +98,7 @@ def build_trainer(config: Config):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collator = PadCollator(pad_id, family.collate_media)
     if mix.mixtoken:  # eval batches stay padded (the PadCollator above); train batches are packed rows
-        train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length,
-                                                args.data_seed if args.data_seed is not None else args.seed,
+        train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length, seed,
                                                 on_gpu=torch.cuda.is_available() and not args.use_cpu,
                                                 unpacked=collator)
     # several eval entries: the Trainer reports eval_<name>_loss for each, MixTrainer adds the overall eval_loss

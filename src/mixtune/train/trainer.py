@@ -1,10 +1,12 @@
-"""mixtune's Trainer: transformers' own, with one repair.
+"""mixtune's Trainer: transformers' own, with three changes.
 
-transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
+1. Resume repair. transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
 hub key names (`visual.*`, `model.layers.*`) while the live model uses `model.visual.*`,
 `model.language_model.*`. The stock resume path loads the raw state dict non-strictly, so resuming
 silently keeps the *untrained* weights. Loading through `from_pretrained` applies the key conversion;
 we then copy the weights in strictly, so any mismatch is an error instead of lost training.
+2. With several eval entries, the overall `eval_loss` beside each entry's.
+3. `group_by_length` from the lengths our datasets measured before training.
 """
 
 from __future__ import annotations
