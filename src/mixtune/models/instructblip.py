@@ -7,11 +7,13 @@ token counts differ per sample, so batches zero-pad them (pad id 0, masked by qf
 
 from __future__ import annotations
 
+import dataclasses
+
 from mixtune.data.collate import pad_and_concat
 from mixtune.data.encode import generation_inputs as generic_generation_inputs
 from mixtune.data.templates import message_text, to_messages
-from mixtune.models.blip_2 import CHAT_TEMPLATE, LORA_TARGETS, encode_query_prefixed, query_token_tokenizer
-from mixtune.models.family import Family
+from mixtune.models import blip_2
+from mixtune.models.blip_2 import encode_query_prefixed, query_token_tokenizer
 from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
@@ -62,17 +64,7 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(model, processor, output_dir, tok)
 
 
-FAMILY = Family(
-    name="instructblip",
-    model_types=("instructblip",),
-    vision=("vision_model.*",),
-    projector=("query_tokens", "qformer.*", "language_projection.*"),
-    language=("language_model.*",),
-    lora_targets=LORA_TARGETS,
-    image_placeholder="",
-    build_tiny=build_tiny,
-    encode=encode,
-    generation_inputs=generation_inputs,
-    default_chat_template=CHAT_TEMPLATE,
-    collate_media=pad_and_concat,
-)
+# BLIP-2's parts, prompt format and LoRA targets; its own encoder (the Q-Former reads the user turns too).
+FAMILY = dataclasses.replace(
+    blip_2.FAMILY, name="instructblip", model_types=("instructblip",), build_tiny=build_tiny, encode=encode,
+    generation_inputs=generation_inputs, collate_media=pad_and_concat)
