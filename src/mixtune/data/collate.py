@@ -10,6 +10,19 @@ import torch
 from mixtune.data.encode import IGNORE_INDEX, Encoded
 
 
+def pad_stack(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
+    """1-D tensors -> one (len(rows), length) tensor, right-padded with `value`."""
+    out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
+def concat_media(media: list[dict]) -> dict[str, torch.Tensor]:
+    """Pixel inputs of several samples, in order, concatenated along dim 0 (fixed-shape families)."""
+    return {key: torch.cat([m[key] for m in media if key in m], dim=0) for key in {k for m in media for k in m}}
+
+
 @dataclass
 class PadCollator:
     pad_token_id: int
@@ -17,26 +30,14 @@ class PadCollator:
 
     def __call__(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         length = max(len(e) for e in batch)
-
-        def pad(rows, value):
-            out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
-            for i, row in enumerate(rows):
-                out[i, : row.shape[0]] = row
-            return out
-
         inputs = {
-            "input_ids": pad([e.input_ids for e in batch], self.pad_token_id),
-            "labels": pad([e.labels for e in batch], IGNORE_INDEX),
-            "attention_mask": pad([torch.ones_like(e.input_ids) for e in batch], 0),
+            "input_ids": pad_stack([e.input_ids for e in batch], length, self.pad_token_id),
+            "labels": pad_stack([e.labels for e in batch], length, IGNORE_INDEX),
+            "attention_mask": pad_stack([torch.ones_like(e.input_ids) for e in batch], length, 0),
         }
         for key in batch[0].token_fields:
-            inputs[key] = pad([e.token_fields[key] for e in batch], 0)
-        if self.collate_media is not None:
-            inputs.update(self.collate_media([e.media for e in batch]))
-            return inputs
-        media_keys = {k for e in batch for k in e.media}
-        for key in media_keys:
-            inputs[key] = torch.cat([e.media[key] for e in batch if key in e.media], dim=0)
+            inputs[key] = pad_stack([e.token_fields[key] for e in batch], length, 0)
+        inputs.update((self.collate_media or concat_media)([e.media for e in batch]))
         return inputs
 
 

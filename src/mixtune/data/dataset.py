@@ -8,7 +8,6 @@ Images are decoded and samples encoded again lazily, in `__getitem__`, which run
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from mixtune.data.conversation import Conversation
 from mixtune.data.encode import Encoded, encode_with_processor
 from mixtune.data.formats import expand_data_files, get_reader
 from mixtune.data.images import fit_image, load_image
-from mixtune.data.lengths import cache_key, default_cache_dir, measure, processor_identity, scan
+from mixtune.data.lengths import cache_key, default_cache_dir, file_digest, measure, processor_identity, scan
 from mixtune.data.mix import MixDataset
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError, DataError
@@ -213,7 +212,7 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
     images = ImagePrep(entry.min_pixels, entry.max_pixels)
     options = {"name": entry.name, "prompt": entry.prompt, "columns": entry.columns, "image_root": entry.image_root,
                "min_pixels": entry.min_pixels, "max_pixels": entry.max_pixels, "truncation": entry.truncation,
-               "template": _file_hash(entry.chat_template), "family": family.name, "n": len(conversations),
+               "template": file_digest(entry.chat_template) if entry.chat_template else None, "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)
     key = cache_key(files, processor_id, max_length, options)
@@ -278,13 +277,6 @@ def unique_names(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
     return out
-
-
-def _file_hash(path: str | None) -> str | None:
-    if not path or not os.path.exists(path):
-        return path
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _encode(encode, conv, images, processor, render):

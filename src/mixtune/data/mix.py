@@ -75,13 +75,14 @@ class MixDataset(torch.utils.data.Dataset):
         return dict(zip(self.names, self.parts))
 
 
-def epoch_callback(dataset: MixDataset):
-    """A TrainerCallback that redraws the mixture at each epoch (the loader workers, re-created per epoch
-    unless `dataloader_persistent_workers`, get the new draw)."""
+def epoch_callback(dataset):
+    """A TrainerCallback calling `dataset.set_epoch` at each epoch: a MixDataset redraws its mixture, a
+    PackedDataset redraws and re-packs (the loader workers, re-created per epoch unless
+    `dataloader_persistent_workers`, get the new draw)."""
     from transformers import TrainerCallback
 
-    class RedrawMixture(TrainerCallback):
+    class SetEpoch(TrainerCallback):
         def on_epoch_begin(self, args, state, control, **kwargs):
             dataset.set_epoch(int(state.epoch + 1e-6))  # state.epoch is fractional when resuming mid-epoch
 
-    return RedrawMixture()
+    return SetEpoch()

@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from mixtune.data.collate import PadCollator
+from mixtune.data.collate import PadCollator, concat_media, pad_stack
 from mixtune.data.encode import IGNORE_INDEX, Encoded
 from mixtune.errors import DataError
 
@@ -54,8 +54,6 @@ def sample_lengths(dataset) -> list[int]:
     """Token length of every sample; the dataset's own (cached) `lengths()` when it has one."""
     if hasattr(dataset, "lengths"):
         return list(dataset.lengths())
-    if isinstance(dataset, torch.utils.data.ConcatDataset):
-        return [n for part in dataset.datasets for n in sample_lengths(part)]
     # fallback: encode every sample once (images included), which is what the cached lengths avoid
     return [len(dataset[i]) for i in range(len(dataset))]
 
@@ -157,21 +155,16 @@ class PackCollator:
         built = [self.build_row(row) for row in rows]
         length = max(r["input_ids"].shape[0] for r in built)
         inputs = {
-            "input_ids": _pad_stack([r["input_ids"] for r in built], length, self.pad_token_id),
-            "labels": _pad_stack([r["labels"] for r in built], length, IGNORE_INDEX),
+            "input_ids": pad_stack([r["input_ids"] for r in built], length, self.pad_token_id),
+            "labels": pad_stack([r["labels"] for r in built], length, IGNORE_INDEX),
             # the pad tail gets positions of its own, 0.., so it reads as one more (label-free) sample
             "position_ids": torch.stack([_pad_positions(r["position_ids"], length) for r in built], dim=-2),
             "use_cache": False,
         }
         for key in rows[0][0].token_fields:
-            inputs[key] = _pad_stack([r["token_fields"][key] for r in built], length, 0)
+            inputs[key] = pad_stack([r["token_fields"][key] for r in built], length, 0)
         # images travel in the same order as their tokens appear in the batch: row by row, sample by sample
-        samples = [s for row in rows for s in row]  # images in the order their tokens appear
-        if self.collate_media is not None:
-            inputs.update(self.collate_media([s.media for s in samples]))
-        else:
-            for key in sorted({k for s in samples for k in s.media}):
-                inputs[key] = torch.cat([s.media[key] for s in samples if key in s.media], dim=0)
+        inputs.update((self.collate_media or concat_media)([s.media for row in rows for s in row]))
         return inputs
 
     def build_row(self, samples: list[Encoded]) -> dict:
@@ -186,13 +179,6 @@ class PackCollator:
             "position_ids": torch.cat([self.positions(s) for s in samples], dim=-1),
             "token_fields": {k: torch.cat([s.token_fields[k] for s in samples]) for k in samples[0].token_fields},
         }
-
-
-def _pad_stack(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
-    out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, : row.shape[0]] = row
-    return out
 
 
 def _pad_positions(pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -264,17 +250,6 @@ def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
     return "mask"
 
 
-def repack_callback(packed: PackedDataset):
-    """A TrainerCallback that re-packs at each epoch's start (`PackedDataset.set_epoch`)."""
-    from transformers import TrainerCallback
-
-    class Repack(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            packed.set_epoch(int(state.epoch + 1e-6))  # fractional when resuming mid-epoch
-
-    return Repack()
-
-
 def pack_for_training(train_set, family, model, pad_token_id: int, max_length: int, seed: int,
                       on_gpu: bool = False, unpacked: Callable | None = None):
     """The train set as packs, and the collator that builds their rows for this model (whose language
@@ -287,7 +262,8 @@ def pack_for_training(train_set, family, model, pad_token_id: int, max_length: i
     collator = PackCollator(pad_token_id, partial(family.pack_positions, model), flatten=isolation == "varlen",
                             unpacked=unpacked, collate_media=family.collate_media)
     log.info("MixToken: %d samples packed into %d rows of up to %d tokens (%.1f%% of row capacity used; "
-             "per_device_train_batch_size counts rows); samples kept apart by %s", len(train_set), len(packed), max_length, 100 * packed.fill(),
+             "per_device_train_batch_size counts rows); samples kept apart by %s",
+             len(train_set), len(packed), max_length, 100 * packed.fill(),
              {"varlen": "flash-attention varlen over one flattened row", "mask": "a block-diagonal causal mask",
               "per_sample_sdpa": "SDPA run per sample"}[isolation])
     return packed, collator
