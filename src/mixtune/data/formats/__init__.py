@@ -57,6 +57,18 @@ def image_base(entry, path: str) -> str:
     return entry.image_root or os.path.dirname(os.path.abspath(path))
 
 
+def read_json_samples(entry, bad, to_conversation: Callable) -> list:
+    """Every record of every data file of the entry through `to_conversation(record, image_base, where)`;
+    a record that raises a DataError stops the run or is skipped, as `bad`'s policy says."""
+    out = []
+    for path in expand_data_files(entry.data_files, entry.base_dir):
+        base = image_base(entry, path)
+        for index, line, record in iter_json_records(path, bad):
+            with bad.catch():
+                out.append(to_conversation(record, base, dict(file=path, index=index, line=line)))
+    return out
+
+
 def load_json_file(path: str) -> Any:
     """A whole JSON document; a syntax error names the line (not skippable: the file has no samples)."""
     with open(path, encoding="utf-8") as f:

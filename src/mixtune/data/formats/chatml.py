@@ -9,22 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from mixtune.data.conversation import Conversation, Turn
-from mixtune.data.formats import expand_data_files, image_base, iter_json_records, register
+from mixtune.data.formats import read_json_samples, register
 from mixtune.data.images import resolve_image_ref
 from mixtune.errors import DataError
 
 
 @register("chatml_dataset", "chatml")
 def read_chatml(entry, bad) -> list[Conversation]:
-    out = []
-    for path in expand_data_files(entry.data_files, entry.base_dir):
-        base_dir = image_base(entry, path)
-        for index, line, record in iter_json_records(path, bad):
-            where = dict(file=path, index=index, line=line)
-            with bad.catch():
-                out.append(Conversation(turns=parse_turns(record, where),
-                                        images=parse_images(record, base_dir, where), **where))
-    return out
+    return read_json_samples(entry, bad, lambda record, base, where: Conversation(
+        turns=parse_turns(record, where), images=parse_images(record, base, where), **where))
 
 
 def parse_turns(record: Any, where: dict) -> list[Turn]:

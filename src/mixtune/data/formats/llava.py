@@ -9,18 +9,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from mixtune.data.conversation import Conversation
-from mixtune.data.formats import expand_data_files, image_base, iter_json_records, register
+from mixtune.data.formats import read_json_samples, register
 from mixtune.data.formats.sharegpt import conversation_from_record
 
 
 @register("llava")
 def read_llava(entry, bad) -> list[Conversation]:
-    out = []
-    for path in expand_data_files(entry.data_files, entry.base_dir):
-        base = image_base(entry, path)
-        for index, line, record in iter_json_records(path, bad):
-            with bad.catch():
-                out.append(conversation_from_record(record, base, dict(file=path, index=index, line=line),
-                                                    turn_keys=("conversations",)))
-    return out
+    return read_json_samples(entry, bad, partial(conversation_from_record, turn_keys=("conversations",)))

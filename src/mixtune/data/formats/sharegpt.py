@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn
-from mixtune.data.formats import expand_data_files, image_base, iter_json_records, register
+from mixtune.data.formats import read_json_samples, register
 from mixtune.data.images import resolve_image_ref
 from mixtune.errors import DataError
 
@@ -25,13 +25,7 @@ TURN_KEYS = ("messages", "conversations")
 
 @register("sharegpt", "messages")
 def read_sharegpt(entry, bad) -> list[Conversation]:
-    out = []
-    for path in expand_data_files(entry.data_files, entry.base_dir):
-        base = image_base(entry, path)
-        for index, line, record in iter_json_records(path, bad):
-            with bad.catch():
-                out.append(conversation_from_record(record, base, dict(file=path, index=index, line=line)))
-    return out
+    return read_json_samples(entry, bad, conversation_from_record)
 
 
 def conversation_from_record(record: Any, base_dir: str, where: dict, turn_keys=TURN_KEYS) -> Conversation:
