@@ -11,6 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# Where transformers 5 puts most VLMs' language model and head, and the LoRA targets mixtune defaults to:
+# that language model's attention and MLP projections (the vision tower untouched).
+LANGUAGE_MODEL = ("model.language_model.*", "lm_head.*")
+LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -18,14 +24,14 @@ class Family:
     # fnmatch globs over parameter names, for freeze shortcuts and LoRA defaults
     vision: tuple[str, ...]
     projector: tuple[str, ...]
-    language: tuple[str, ...]
-    # regex over module names: peft's default LoRA targets (the language model's attention and MLP)
-    lora_targets: str
     # What one image looks like in rendered prompt text: used when a user template (PaddleMIX's
     # chat_template.json shape) writes `<image>` and the processor expects its own token.
     image_placeholder: str
     # Writes a tiny random-weight checkpoint of the real architecture into a folder.
     build_tiny: Callable[[str], None]
+    language: tuple[str, ...] = LANGUAGE_MODEL
+    # regex over module names: peft's default LoRA targets
+    lora_targets: str = LM_PROJECTIONS
     # Optional: Conversation + images -> Encoded, where the generic path (chat template, one processor call,
     # labels through character offsets) cannot work: PaliGemma's prefix/suffix, BLIP-2's query tokens.
     encode: Callable[..., Any] | None = None

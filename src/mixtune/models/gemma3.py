@@ -49,8 +49,6 @@ FAMILY = Family(
     model_types=("gemma3",),
     vision=("model.vision_tower.*",),
     projector=("model.multi_modal_projector.*",),
-    language=("model.language_model.*", "lm_head.*"),
-    lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     image_placeholder="<start_of_image>",
     build_tiny=build_tiny,
 )

@@ -72,7 +72,6 @@ FAMILY = Family(
     model_types=("glm4v",),
     vision=("model.visual.*",),
     projector=("model.visual.downsample.*", "model.visual.merger.*"),
-    language=("model.language_model.*", "lm_head.*"),
     lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_up_proj|gate_proj|up_proj|down_proj)",
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,

@@ -71,9 +71,7 @@ FAMILY = Family(
     model_types=("mllama",),
     vision=("model.vision_model.*",),
     projector=("model.multi_modal_projector.*",),
-    language=("model.language_model.*", "lm_head.*"),
     # self- and cross-attention projections and the MLP of the language model
-    lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     image_placeholder="<|image|>",
     build_tiny=build_tiny,
     encode=encode,

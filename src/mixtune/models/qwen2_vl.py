@@ -15,7 +15,6 @@ from mixtune.models.tokenizer import train_tokenizer
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def qwen_tokenizer():
@@ -86,8 +85,6 @@ FAMILY = Family(
     model_types=("qwen2_vl",),
     vision=("model.visual.*",),
     projector=("model.visual.merger.*",),
-    language=("model.language_model.*", "lm_head.*"),
-    lora_targets=LORA_TARGETS,
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
     pack_positions=mrope_positions,
