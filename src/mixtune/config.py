@@ -285,10 +285,14 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
         raise ConfigError(f"unknown part(s) {sorted(unknown)}; expected 'train' and 'eval'", key="dataset")
     if mix.max_length < 1:
         raise ConfigError("must be positive", key="max_length")
-    if mix.on_bad_sample not in ("error", "skip"):
-        raise ConfigError(f"must be 'error' or 'skip', got {mix.on_bad_sample!r}", key="on_bad_sample")
-    if mix.truncation not in ("drop", "downscale"):
-        raise ConfigError(f"must be 'drop' or 'downscale', got {mix.truncation!r}", key="truncation")
+    from mixtune.data.badsamples import POLICIES
+    from mixtune.data.dataset import TRUNCATION
+    from mixtune.train.freeze import PARTS
+
+    if mix.on_bad_sample not in POLICIES:
+        raise ConfigError(f"must be one of {POLICIES}, got {mix.on_bad_sample!r}", key="on_bad_sample")
+    if mix.truncation not in TRUNCATION:
+        raise ConfigError(f"must be one of {TRUNCATION}, got {mix.truncation!r}", key="truncation")
     if mix.fp16_opt_level not in ("O1", "O2"):
         raise ConfigError(f"must be 'O1' or 'O2', got {mix.fp16_opt_level!r}", key="fp16_opt_level")
     if mix.device not in (None, "cpu", "gpu", "cuda"):
@@ -310,8 +314,8 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise ConfigError("must be >= 1", key="lora_rank")
         if not 0 <= mix.lora_dropout < 1:
             raise ConfigError("must be in [0, 1)", key="lora_dropout")
-        for part in ("vision", "projector", "language"):
-            if getattr(mix, f"freeze_{part}", False):
+        for part in PARTS:
+            if getattr(mix, f"freeze_{part}"):
                 raise ConfigError("has no meaning with lora: true (every base weight is frozen already); choose "
                                   "what trains with lora_target_modules and lora_modules_to_save",
                                   key=f"freeze_{part}")
@@ -337,9 +341,3 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     raw = read_config_file(path)
     raw.update(overrides or {})
     return build_config(raw, base_dir=os.path.dirname(os.path.abspath(path)))
-
-
-def reference_table() -> str:
-    """Markdown rows for mixtune's own keys, for the README's config reference."""
-    rows = [f"| `{f.name}` | {f.metadata.get('help', '')} |" for f in dataclasses.fields(MixtuneArgs)]
-    return "\n".join(rows)
