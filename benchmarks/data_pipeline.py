@@ -63,7 +63,7 @@ def main() -> None:
     from mixtune.data.dataset import build_split
     from mixtune.models.registry import get_family
     from mixtune.tools.demo_data import make_demo_data
-    from mixtune.train.run import load_model_and_processor
+    from mixtune.models.loading import load_model_and_processor
 
     root = tempfile.mkdtemp(prefix="mixtune_bench_")
     family = get_family(args.family)

@@ -55,7 +55,7 @@ def prepare(work: str, n_images: int, seed: int) -> None:
 
     from mixtune.data.dataset import build_split
     from mixtune.models.registry import get_family
-    from mixtune.train.run import load_model_and_processor
+    from mixtune.models.loading import load_model_and_processor
 
     model_dir = get_family("qwen2_vl").build_tiny(os.path.join(work, "model"))
     data = make_data(os.path.join(work, "data"), n_images, seed)
@@ -91,7 +91,7 @@ class Trainee:
         import torch
 
         from mixtune.data.pack import use_packed_sdpa
-        from mixtune.train.run import load_model_and_processor
+        from mixtune.models.loading import load_model_and_processor
 
         torch.manual_seed(args.seed)
         self.mode, self.args = mode, args
@@ -142,7 +142,7 @@ def max_loss_diff(work: str, args) -> float:
 
     from mixtune.data.collate import PadCollator
     from mixtune.data.pack import PackCollator, PackedDataset, use_packed_sdpa
-    from mixtune.train.run import load_model_and_processor
+    from mixtune.models.loading import load_model_and_processor
 
     torch.set_num_threads(args.threads)
     samples = torch.load(os.path.join(work, "samples.pt"), weights_only=False)

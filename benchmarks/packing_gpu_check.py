@@ -27,7 +27,7 @@ from mixtune.data.dataset import build_split
 from mixtune.data.encode import IGNORE_INDEX
 from mixtune.data.pack import PACKED_SDPA, PackCollator, PackedDataset, use_packed_sdpa
 from mixtune.models.registry import get_family
-from mixtune.train.run import load_model_and_processor
+from mixtune.models.loading import load_model_and_processor
 
 FP32_TOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of this script only

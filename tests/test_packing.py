@@ -18,7 +18,7 @@ from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_f
                                use_packed_sdpa)
 from mixtune.errors import ConfigError, DataError
 from mixtune.models import registry
-from mixtune.train.run import load_model_and_processor
+from mixtune.models.loading import load_model_and_processor
 
 TOL = 1e-5
 

@@ -22,7 +22,7 @@ from mixtune.data.templates import make_renderer
 from mixtune.errors import MixtuneError
 from mixtune.models.registry import families, get_family
 from mixtune.train.freeze import PARTS, apply_freeze, part_of
-from mixtune.train.run import load_model_and_processor
+from mixtune.models.loading import load_model_and_processor
 
 FAMILIES = [f.name for f in families()]
 

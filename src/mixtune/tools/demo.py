@@ -18,7 +18,8 @@ from mixtune.data.images import load_image
 from mixtune.data.templates import make_renderer
 from mixtune.models.registry import get_family
 from mixtune.tools.demo_data import COLOURS, COUNTS, SHAPES, SIDES, make_demo_data
-from mixtune.train.run import load_model_and_processor, train
+from mixtune.models.loading import load_model_and_processor
+from mixtune.train.run import train
 
 log = logging.getLogger("mixtune")
 

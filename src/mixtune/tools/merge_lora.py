@@ -63,7 +63,7 @@ def load_adapter_model(base_model, lora_path: str):
 
 def merge_lora(lora_path: str, merge_model_path: str, model_name_or_path: str | None = None,
                dtype: str = "auto") -> str:
-    from mixtune.train.run import load_model_and_processor
+    from mixtune.models.loading import load_model_and_processor
 
     adapter = read_adapter_config(lora_path)  # a clear error before loading any weights
     base = model_name_or_path or adapter.get("base_model_name_or_path")

@@ -14,30 +14,12 @@ from mixtune.data.badsamples import write_report
 from mixtune.data.dataset import build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
-from mixtune.errors import ConfigError, MixtuneError
-from mixtune.models.registry import family_for_checkpoint
+from mixtune.errors import ConfigError
+from mixtune.models.loading import load_model_and_processor
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.report import plot_loss, write_metrics
 
 log = logging.getLogger("mixtune")
-
-
-def load_model_and_processor(model_name_or_path: str, attn_implementation: str | None = None,
-                             dtype: torch.dtype = torch.float32):
-    import transformers
-
-    family = family_for_checkpoint(model_name_or_path)
-    family.check_requires()
-    auto = getattr(transformers, family.auto_class)
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
-        model = auto.from_pretrained(model_name_or_path, **kwargs)
-    except OSError as e:
-        raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
-    return family, model, processor
 
 
 def check_output_dir(config: Config) -> None:
