@@ -42,7 +42,11 @@ class MixtuneArgs:
     benchmark: bool = field(default=False, metadata={"help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={
         "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
-    eval_with_do_generation: bool = field(default=False, metadata={"help": "evaluate by generation (not built)"})
+    eval_with_do_generation: bool = field(default=False, metadata={
+        "help": "at each evaluation also answer the eval set by generation and log its metrics (exact match, "
+                "VQA accuracy, BLEU-4, ROUGE-L, CIDEr), usable as metric_for_best_model"})
+    generation_max_new_tokens: int = field(default=64, metadata={
+        "help": "longest generated answer in generation eval (eval_with_do_generation)"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "eager, sdpa or flash_attention_2; default: the model's own choice"})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of full weights"})
@@ -305,8 +309,10 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise NotSupportedYet(key, f"{key}={value}")
     if mix.sharding:
         raise NotSupportedYet("sharding", f"sharding '{mix.sharding}'")
-    if mix.eval_with_do_generation:
-        raise NotSupportedYet("eval_with_do_generation", "evaluation by generation during training")
+    if mix.eval_with_do_generation and not mix.dataset.get("eval"):
+        raise ConfigError("needs dataset.eval entries to answer", key="eval_with_do_generation")
+    if mix.generation_max_new_tokens < 1:
+        raise ConfigError("must be at least 1", key="generation_max_new_tokens")
     if mix.mixtoken:
         check_mixtoken(mix)
     if mix.lora:

@@ -15,6 +15,7 @@ from mixtune.data.dataset import build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
 from mixtune.errors import ConfigError
+from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.report import plot_loss, write_metrics
@@ -88,7 +89,7 @@ def build_trainer(config: Config):
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
                          data_collator=collator, processing_class=processor,
-                         callbacks=[epoch_callback(train_set)])
+                         callbacks=[epoch_callback(train_set)] + generation_eval_callbacks(config, family, processor))
     trainer.skipped_samples = skipped
     return trainer
 
