@@ -110,6 +110,26 @@ def cmd_predict(args, extra) -> int:
     return 0
 
 
+def cmd_serve(args, extra) -> int:
+    import os
+
+    from mixtune.infer.engine import Engine
+
+    try:
+        from mixtune.serve.openai import ServeSettings, serve
+    except ImportError as e:
+        raise MixtuneError(f"mixtune serve needs FastAPI and uvicorn ({e}): pip install 'mixtune[serve]'") from None
+
+    engine = Engine.load(args.model, args.lora_path, args.dtype, chat_template=args.chat_template)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or args.lora_path))
+    settings = ServeSettings(api_key=args.api_key or os.environ.get("MIXTUNE_API_KEY"),
+                             allowed_local_media_path=args.allowed_local_media_path, served_model_name=name,
+                             max_images=args.max_images, max_model_len=args.max_model_len,
+                             batch_window_s=args.batch_window_ms / 1000, max_batch_size=args.max_batch_size)
+    serve(engine, settings, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Fine-tune multimodal models from one config.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or set MIXTUNE_API_KEY)")
+    p.add_argument("--served_model_name", default=None, help="the model id clients name; default: the folder name")
+    p.add_argument("--allowed_local_media_path", default=None, help="image files under this folder may be named "
+                   "by path or file:// URL; otherwise only data: URIs")
+    p.add_argument("--max_images", type=int, default=8, help="images per request")
+    p.add_argument("--max_model_len", type=int, default=None, help="prompt + max_tokens limit; default: the model's")
+    p.add_argument("--batch_window_ms", type=float, default=10, help="how long to collect requests into a batch")
+    p.add_argument("--max_batch_size", type=int, default=16)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
