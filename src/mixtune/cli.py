@@ -130,6 +130,15 @@ def cmd_serve(args, extra) -> int:
     return 0
 
 
+def cmd_export(args, extra) -> int:
+    from mixtune.export import export
+
+    report = export(args.model, args.to, args.lora_path, args.dtype)
+    print(json.dumps(report, indent=1))
+    print(f"serve it with: vllm serve {args.to}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Fine-tune multimodal models from one config.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_window_ms", type=float, default=10, help="how long to collect requests into a batch")
     p.add_argument("--max_batch_size", type=int, default=16)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="a folder serving engines load: hub key names, processor, chat template")
+    p.add_argument("--model", default=None, help="checkpoint folder (with --lora_path: the base; default: the "
+                   "adapter's own record)")
+    p.add_argument("--lora_path", default=None, help="LoRA adapter folder, merged into the export")
+    p.add_argument("--to", required=True, help="new folder for the export")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights; auto: the checkpoint's own")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
