@@ -53,9 +53,14 @@ def test_export_keeps_hub_keys_and_logits(tiny_model_dir, tmp_path, name):
     torch.testing.assert_close(logits(str(out), inputs), logits(tiny, inputs), rtol=0, atol=0)
     # the chat template travels with it; BLIP-2 style checkpoints get the prompt format mixtune trained with
     fam = get_family(name)
-    own = getattr(transformers.AutoProcessor.from_pretrained(tiny), "chat_template", None)
+    own = chat_template(transformers.AutoProcessor.from_pretrained(tiny))
     expected = own or (fam.default_chat_template if fam.uses_chat_template else None)
-    assert getattr(transformers.AutoProcessor.from_pretrained(out), "chat_template", None) == expected
+    assert chat_template(transformers.AutoProcessor.from_pretrained(out)) == expected
+
+
+def chat_template(processor):
+    """The processor's template, or (BLIP-2: the processor reloads it onto its tokenizer) the tokenizer's."""
+    return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
 
 def test_export_merges_lora_in_bfloat16(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
