@@ -130,6 +130,16 @@ def cmd_serve(args, extra) -> int:
     return 0
 
 
+def cmd_chat(args, extra) -> int:
+    from mixtune.infer.chat import run_chat
+    from mixtune.infer.engine import Engine
+
+    options = generation_options(args)
+    engine = Engine.load(args.model, args.lora_path, args.dtype, chat_template=args.chat_template)
+    run_chat(engine, options, system=args.system, images=args.image)
+    return 0
+
+
 def cmd_export(args, extra) -> int:
     from mixtune.export import export
 
@@ -201,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_window_ms", type=float, default=10, help="how long to collect requests into a batch")
     p.add_argument("--max_batch_size", type=int, default=16)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal; replies stream as they are generated")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--image", action="append", default=None, help="an image for the first message (repeatable)")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=256)
 
     p = sub.add_parser("export", help="a folder serving engines load: hub key names, processor, chat template")
     p.add_argument("--model", default=None, help="checkpoint folder (with --lora_path: the base; default: the "
