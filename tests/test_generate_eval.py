@@ -60,7 +60,7 @@ def test_generation_eval_needs_an_eval_set(tiny_model_dir, demo_data_dir, tmp_pa
 
 @pytest.mark.slow
 def test_generation_metric_rises_on_demo_data(tmp_path):
-    """Demo-sized: exact match by generation climbs from 0 to most answers right as the model learns."""
+    """Demo-sized: exact match by generation climbs from 0 (before training) to most answers right."""
     from mixtune.models.registry import get_family
     from mixtune.tools.demo import DEMO_TRAINING
     from mixtune.tools.demo_data import make_demo_data
@@ -69,10 +69,12 @@ def test_generation_metric_rises_on_demo_data(tmp_path):
     data = str(tmp_path / "data")
     make_demo_data(data)
     overrides = {k: v for k, v in DEMO_TRAINING.items() if k not in ("max_length", "seed")}
-    cfg = gen_eval_config(tmp_path, model, data, **{**overrides, "max_steps": -1, "disable_tqdm": True})
+    cfg = gen_eval_config(tmp_path, model, data, **{**overrides, "max_steps": -1, "disable_tqdm": True,
+                                                    "num_train_epochs": 3, "eval_on_start": True})
     config = load_config(cfg)
     config.mix.dataset["eval"][0]["max_samples"] = 60
     train(config)
     with open(os.path.join(config.training.output_dir, "metrics.json")) as f:
         curve = [v for _, v in json.load(f)["generation_eval"]["eval_exact_match"]]
-    assert curve[0] < 0.5 and curve[-1] >= 0.8 and curve[-1] > curve[0]
+    assert len(curve) >= 4  # before training, then after each epoch
+    assert curve[0] < 0.1 and curve[-1] >= 0.7 and curve[-1] == max(curve)
