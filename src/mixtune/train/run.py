@@ -89,7 +89,7 @@ def build_trainer(config: Config):
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
                          data_collator=collator, processing_class=processor,
-                         callbacks=[epoch_callback(train_set)] + generation_eval_callbacks(config, family, processor))
+                         callbacks=[epoch_callback(train_set), *generation_eval_callbacks(config, family, processor)])
     trainer.skipped_samples = skipped
     return trainer
 
