@@ -206,9 +206,16 @@ def test_grounding_placeholders_become_each_familys_markup(tmp_path, qwen):
         filled = fill_grounding(grounding_conv(objects, [str(path)]), [img], processor, get_family(family).grounding)
         assert [t.text for t in filled.turns] == [f"<image>Find {ref0}.", f"{ref1}{box0} is left of {box1}."], family
         assert filled.objects is None
-    # the size Qwen2.5-VL's coordinates refer to is the one the processor really produces
-    grid = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[img])["image_grid_thw"][0]
-    assert (int(grid[2]) * 14, int(grid[1]) * 14) == (140, 56)
+    # the size Qwen2.5-VL's coordinates refer to is the one the processor really produces, also under an
+    # entry's own max_pixels
+    from mixtune.data.dataset import PixelBudgetProcessor
+    from mixtune.models.qwen2_vl import resized_image_size
+
+    for proc in (processor, PixelBudgetProcessor(processor, None, 56 * 56)):
+        grid = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[img])["image_grid_thw"][0]
+        assert resized_image_size(proc, img) == (int(grid[2]) * 14, int(grid[1]) * 14)
+    assert resized_image_size(processor, img) == (140, 56)
+    assert resized_image_size(PixelBudgetProcessor(processor, None, 56 * 56), img) == (56, 28)
 
 
 def test_grounding_uses_the_file_pixels_after_resizing_norm1_and_image_id(tmp_path, qwen):
