@@ -170,8 +170,8 @@ def test_loss_true_on_a_user_turn_and_all_replies_excluded_are_refused(tmp_path,
                       str(tmp_path))
     assert [c.index for c in mix.parts[0].conversations] == [3]
     reasons = {r["index"]: (r["field"], r["reason"]) for r in mix.skipped}
-    assert reasons[0] == ("loss", "turn 2 is 'user' with loss: true; only assistant replies are trained on "
-                                  "(remove the key, or make the turn an assistant reply)")
+    assert reasons[0] == ("loss", "turn 2 is 'user' with loss: true (or weight: 1); only assistant replies are "
+                                  "trained on (remove the key, or make the turn an assistant reply)")
     assert reasons[1] == ("loss", "every assistant turn has loss: false; nothing is left to train on")
     assert reasons[2] == ("loss", "messages[1]: 'loss' must be true or false, got 'no'")
 

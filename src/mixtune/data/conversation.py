@@ -99,8 +99,8 @@ class Conversation:
         if turn.loss is not None and not isinstance(turn.loss, bool):
             raise self.error(f"turn {i}: 'loss' must be true, false or absent, got {turn.loss!r}", "loss")
         if turn.loss is True and turn.role != "assistant":
-            raise self.error(f"turn {i} is '{turn.role}' with loss: true; only assistant replies are trained on "
-                             "(remove the key, or make the turn an assistant reply)", "loss")
+            raise self.error(f"turn {i} is '{turn.role}' with loss: true (or weight: 1); only assistant replies are "
+                             "trained on (remove the key, or make the turn an assistant reply)", "loss")
 
     def _check_grounding(self) -> None:
         """Every grounding placeholder has its object and every object its placeholder: nothing left as

@@ -12,7 +12,7 @@ from typing import Any
 
 from mixtune.data.conversation import Conversation, Turn
 from mixtune.data.formats import read_json_samples, register
-from mixtune.data.formats.records import CONVERSATION_KEYS, conversation, resolve_refs
+from mixtune.data.formats.records import CONVERSATION_KEYS, build_conversation, resolve_refs
 from mixtune.data.formats.sharegpt import conversation_from_record, image_list
 from mixtune.errors import DataError
 
@@ -25,7 +25,7 @@ def read_chatml(entry, bad) -> list[Conversation]:
 def chatml_conversation(record: Any, base: str, where: dict) -> Conversation:
     if is_paddle_pairs(record):
         images = resolve_refs(image_list(record, where), base, "images", where)
-        return conversation(paddle_turns(record["conversations"], where), images, record, base, where)
+        return build_conversation(paddle_turns(record["conversations"], where), images, record, base, where)
     return conversation_from_record(record, base, where)
 
 

@@ -133,7 +133,7 @@ def resolve_refs(refs: list, base: str, field: str, where: dict) -> list[str]:
         raise DataError(str(e), field=field, **where) from None
 
 
-def conversation(turns: list[Turn], images: list[str], record: dict, base: str, where: dict) -> Conversation:
+def build_conversation(turns: list[Turn], images: list[str], record: dict, base: str, where: dict) -> Conversation:
     """The record's turns and resolved images, plus what every format shares: the top-level system prompt,
     Qwen-VL's inline `<img>path</img>` images and ms-swift's grounding objects."""
     turns, tagged = inline_image_tags(turns)

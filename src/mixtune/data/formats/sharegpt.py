@@ -18,7 +18,7 @@ from typing import Any
 from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn, media_not_supported
 from mixtune.data.formats import read_json_samples, register
 from mixtune.data.formats.legacy import legacy_turns
-from mixtune.data.formats.records import CONVERSATION_KEYS, conversation, resolve_refs, turn_loss
+from mixtune.data.formats.records import CONVERSATION_KEYS, build_conversation, resolve_refs, turn_loss
 from mixtune.errors import DataError
 
 # ShareGPT / LLaVA speaker names -> our roles. Anything else is kept as is, and validation rejects it.
@@ -49,7 +49,7 @@ def conversation_from_record(record: Any, base_dir: str, where: dict, turn_keys=
     if inline and listed:
         raise DataError("images are given both inside the messages and in an 'images' list; use one",
                         field="images", **where)
-    return conversation(turns, resolve_refs(inline or listed, base_dir, "images", where), record, base_dir, where)
+    return build_conversation(turns, resolve_refs(inline or listed, base_dir, "images", where), record, base_dir, where)
 
 
 def parse_turns(messages: Any, key: str, where: dict) -> tuple[list[Turn], list]:
