@@ -141,14 +141,19 @@ class Engine:
     def inputs(self, conv: Conversation, images: list) -> dict:
         return self.prompter.inputs(conv, images)
 
+    def batch(self, rows: list[dict]) -> dict:
+        """Rows -> one left-padded batch on the model's device, pixels in the model's dtype."""
+        batch = {k: v.to(self.device) for k, v in
+                 batch_inputs(rows, self.pad_token_id, self.family.collate_media).items()}
+        if torch.is_floating_point(batch.get("pixel_values", torch.zeros(0, dtype=torch.long))):
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        return batch
+
     @torch.no_grad()
     def generate(self, rows: list[dict], options: GenerationOptions,
                  on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
         """Answer prepared rows (from `inputs`) in one batch. `on_token(row, token_id)` sees each new token."""
-        batch = batch_inputs(rows, self.pad_token_id, self.family.collate_media)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        if torch.is_floating_point(batch.get("pixel_values", torch.zeros(0, dtype=torch.long))):
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        batch = self.batch(rows)
         kwargs = options.generate_kwargs(self.tokenizer)
         if on_token is not None:
             kwargs["streamer"] = RowStreamer(on_token)
@@ -181,8 +186,7 @@ class Engine:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        batch = {k: v.to(self.device) for k, v in batch_inputs([self.inputs(conv, images)], self.pad_token_id,
-                                                               self.family.collate_media).items()}
+        batch = self.batch([self.inputs(conv, images)])
         kwargs = {**options.generate_kwargs(self.tokenizer), "streamer": streamer, "pad_token_id": self.pad_token_id}
         errors: list[BaseException] = []
 
