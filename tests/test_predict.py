@@ -166,3 +166,20 @@ def test_generation_options_are_checked(capsys):
     assert main(["predict", "--model", "x", "--data_files", "a.json", "--max_new_tokens", "0"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
     assert math.isclose(GenerationOptions(temperature=0.5).check().temperature, 0.5)
+
+
+def test_predict_uses_the_given_chat_template(tiny_model_dir, demo_data_dir, tmp_path):
+    """A PaddleMIX chat_template.json renders predict's prompts, as it renders training samples."""
+    template = write_json(tmp_path / "chat_template.json", {"system": "SYS ", "conversation": ["U: {{user}} A:",
+                                                                                             " {{bot}}"],
+                                                            "query": "Q: {{query}} A:"})
+    val = os.path.join(demo_data_dir, "val.json")
+    out = tmp_path / "p"
+    assert main(["predict", "--model", tiny_model_dir("qwen2_vl"), "--chat_template", template, "--dataset",
+                 json.dumps({"name": "chatml_dataset", "data_files": val, "max_samples": 2}),
+                 "--output_dir", str(out), "--max_new_tokens", "2"]) == 0
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    with open(val) as f:
+        question = json.load(f)[0]["conversations"][0][0]
+    markup = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert rows[0]["prompt"] == "SYS Q: " + question.replace("<image>", markup) + " A:"

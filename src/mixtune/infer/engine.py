@@ -100,12 +100,14 @@ def stop_at(text: str, stops) -> tuple[str, bool]:
 class Engine:
     """A loaded model with its processor and prompter; `generate` answers a batch of conversations."""
 
-    def __init__(self, model, family, processor, prompter: Prompter | None = None, name: str = "model"):
+    def __init__(self, model, family, processor, prompter: Prompter | None = None, name: str = "model",
+                 chat_template: str | None = None):
         self.model = model.eval()
         self.family = family
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.prompter = prompter or Prompter.for_family(family, processor)
+        self.chat_template = chat_template  # a template file given instead of the checkpoint's own
+        self.prompter = prompter or Prompter.for_family(family, processor, chat_template)
         self.name = name
         self.lock = threading.Lock()  # one generate() at a time on the model
         pad = self.tokenizer.pad_token_id
@@ -125,8 +127,7 @@ class Engine:
         family, model, processor = load_model_and_processor(model_path, dtype=torch_dtype, lora_path=lora_path,
                                                             merge_lora=True)
         model.to(device)
-        prompter = Prompter.for_family(family, processor, chat_template)
-        return cls(model, family, processor, prompter, name=model_path or lora_path)
+        return cls(model, family, processor, name=model_path or lora_path, chat_template=chat_template)
 
     @property
     def device(self) -> torch.device:

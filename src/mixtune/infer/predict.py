@@ -76,7 +76,7 @@ class EntryInputs:
         processor = engine.processor
         if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
             processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
-        self.prompter = Prompter.for_family(engine.family, processor, entry.chat_template)
+        self.prompter = Prompter.for_family(engine.family, processor, entry.chat_template or engine.chat_template)
         self.images = ImagePrep(entry.min_pixels, entry.max_pixels)
 
     def __call__(self, conv: Conversation) -> dict:
