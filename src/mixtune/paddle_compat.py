@@ -13,6 +13,7 @@ Three tables and the functions that apply them:
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -218,6 +219,9 @@ PADDLE_NAMES: dict[str, tuple[PaddleNaming, ...]] = {
 }
 
 FREEZE_KEYS = ("freeze_include", "freeze_exclude")
+EXCLUDE_ONLY = ("in PaddleMIX, freeze_exclude alone makes trainable what the model froze when it loaded (e.g. "
+                "InternLM-XComposer2's ViT); transformers models load fully trainable, so here it freezes nothing "
+                "and everything trains, as it did there")
 REGEX_KEYS = ("lora_target_modules",)
 
 
@@ -229,11 +233,19 @@ def renamed(pattern: str, naming: PaddleNaming, regex: bool) -> list[str]:
         if old not in out[0]:
             continue
         if regex:
-            rep = new[0] if len(new) == 1 else "(" + "|".join(new) + ")"
-            out = [p.replace(old, rep, 1) for p in out]
+            out = [p.replace(old, alternation(new), 1) for p in out]
         else:
             out = [p.replace(old, n, 1) for p in out for n in new]
     return out if out != [pattern] else []
+
+
+def alternation(names: tuple[str, ...]) -> str:
+    """("self_attn.q_proj", "self_attn.k_proj") -> "self_attn.(q_proj|k_proj)"."""
+    if len(names) == 1:
+        return names[0]
+    common = os.path.commonprefix(list(names))
+    common = common[: common.rfind(".") + 1]
+    return common + "(" + "|".join(n[len(common):] for n in names) + ")"
 
 
 def _matches(pattern: str, names: list[str], regex: bool) -> bool:
@@ -302,7 +314,9 @@ def paddle_name_hint(model, family, mix, key: str) -> str:
     if not fixes:
         return ""
     paste = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in fixes.items())
-    return (f"\n{'; '.join(reasons)}. For this {family.name} model write:\n  {paste}")
+    if "freeze_exclude" in fixes and not mix.freeze_include:
+        reasons.append(EXCLUDE_ONLY)
+    return f"\n{'; '.join(reasons)}. For this {family.name} model write:\n  {paste}"
 
 
 def with_paddle_name_hint(error: ConfigError, model, family, mix) -> ConfigError:
