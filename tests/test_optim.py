@@ -39,8 +39,8 @@ def one_sgd_step(trainer):
 @pytest.mark.parametrize("lora", [False, True])
 def test_groups_carry_part_rates_and_parts_move_at_their_rate(tiny_model_dir, tmp_path, lora):
     fam = get_family("llava")
-    extra = dict(lora=True, lora_target_modules=["all-linear", r".*vision_tower.*self_attn\.(q_proj|v_proj)"],
-                 lora_modules_to_save=["projector"], lora_dropout=0.0) if lora else {}
+    extra = {"lora": True, "lora_target_modules": ["all-linear", r".*vision_tower.*self_attn\.(q_proj|v_proj)"],
+             "lora_modules_to_save": ["projector"], "lora_dropout": 0.0} if lora else {}
     cfg = config(tmp_path, tiny_model_dir("llava"), **{f"{p}_lr": r for p, r in RATES.items()}, **extra)
     trainer = build_trainer(cfg)
     before, grads = one_sgd_step(trainer)

@@ -143,7 +143,10 @@ def test_paddlemix_names_translate_to_patterns_that_match(tiny_names, family, re
 
     params, modules, aliases = tiny_names(family)
     names = modules if regex else params
-    match = (lambda p: any(re.fullmatch(p, n) for n in names)) if regex else (lambda p: any(fnmatch(n, p) for n in names))
+    if regex:
+        match = lambda p: any(re.fullmatch(p, n) for n in names)  # noqa: E731
+    else:
+        match = lambda p: any(fnmatch(n, p) for n in names)  # noqa: E731
     assert not match(pattern)  # the PaddleMIX pattern really misses in the transformers model
     new, _ = translate_pattern(pattern, names, PADDLE_NAMES[family], regex, aliases)
     assert new == expected

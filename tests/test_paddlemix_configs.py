@@ -188,7 +188,8 @@ def test_shipped_paddlemix_config_trains_2_steps(name, tiny_model_dir, tmp_path)
     else:
         pytest.fail(f"{name} still fails after pasting {fixes}")
     assert fixes == expected_fixes
-    state = json.load(open(tmp_path / "out" / "trainer_state.json"))
+    with open(tmp_path / "out" / "trainer_state.json", encoding="utf-8") as f:
+        state = json.load(f)
     assert state["global_step"] == 2
     assert trainer_metrics["train_loss"] > 0
     if name in TRAINED_PARTS:  # the freeze settings did what PaddleMIX's do

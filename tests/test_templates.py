@@ -157,7 +157,8 @@ def test_reloaded_processor_renders_as_training_did(tiny_model_dir, tmp_path, fa
     assert training_render(messages(last_reply=False), True) == (
         f"SYSTEM PROMPT\n<|im_start|>user\n{fam.image_placeholder}What colour?<|im_end|>\n<|im_start|>assistant\n"
         "red<|im_end|>\n<|im_start|>user\nAnd the shape?\n<|im_end|>\n<|im_start|>assistant\n")
-    saved = open(os.path.join(out, "chat_template.jinja")).read()
+    with open(os.path.join(out, "chat_template.jinja"), encoding="utf-8") as f:
+        saved = f.read()
     assert saved == paddle_to_jinja(spec, fam.image_placeholder, "x")
 
 

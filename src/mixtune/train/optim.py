@@ -26,7 +26,7 @@ class PartRates:
     lora: bool = False
 
     @classmethod
-    def from_config(cls, mix, family) -> "PartRates | None":
+    def from_config(cls, mix, family) -> PartRates | None:
         rates = {p: getattr(mix, f"{p}_lr") for p in PARTS if getattr(mix, f"{p}_lr", None) is not None}
         return cls(rates, family, mix.lora) if rates else None
 
