@@ -65,7 +65,12 @@ def test_template_payloads_are_stopped(tiny_model_dir, tmp_path, payload, kind):
     else:
         path = tmp_path / "t.jinja"
         path.write_text(text + "{% for m in messages %}{{ m['role'] }}{% endfor %}")
-    render = make_renderer(processor, str(path), QWEN_IMAGE)
+    # refused when the template is read (a probe render), and again at any later render
+    with pytest.raises(ConfigError, match="unsafe operation and was stopped by the sandbox"):
+        make_renderer(processor, str(path), QWEN_IMAGE)
+    from mixtune.data.templates import ChatTemplate, read_template_file
+
+    render = ChatTemplate(processor, read_template_file(str(path), QWEN_IMAGE), str(path))
     with pytest.raises(ConfigError, match="unsafe operation and was stopped by the sandbox"):
         render(messages(), False)
     assert not target.exists()

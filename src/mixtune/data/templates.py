@@ -51,7 +51,9 @@ def make_renderer(processor, chat_template: str | None, image_placeholder: str,
     """Pick the renderer: a user template file if given, else the checkpoint's own chat template, else the
     family's default prompt format (for checkpoints that ship none)."""
     if chat_template:
-        return ChatTemplate(processor, read_template_file(chat_template, image_placeholder), chat_template)
+        render = ChatTemplate(processor, read_template_file(chat_template, image_placeholder), chat_template)
+        render.probe()
+        return render
     own = getattr(processor, "chat_template", None)
     if not own:
         if default_template:
@@ -98,6 +100,20 @@ class ChatTemplate:
         except SecurityError as e:
             raise ConfigError(f"{self.source}: the template tried an unsafe operation and was stopped by the "
                               f"sandbox ({e})", key="chat_template") from None
+
+    def probe(self) -> None:
+        """Render a small conversation once, in the main process, so that an unsafe template is refused when
+        it is read rather than inside a data-loader worker. Other template errors are left to the samples
+        that cause them."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]
+        for msgs, generation in ((messages, False), (messages[:1], True)):
+            try:
+                self(msgs, generation)
+            except ConfigError:
+                raise
+            except Exception:  # noqa: BLE001 (a template may refuse this probe; real samples decide)
+                return
 
 
 def paddle_to_jinja(spec: dict, image_placeholder: str, path: str) -> str:
