@@ -63,6 +63,8 @@ def check_values(mix, train_kwargs: dict, base_dir: str, notes: list[str]) -> No
     value = lambda key: train_kwargs.get(key, defaults.get(key))  # noqa: E731
     check_training_ranges(value)
     check_run_length(value, train_kwargs)
+    if mix.max_sample_bytes < 1:
+        raise ConfigError(f"must be a positive number of bytes, got {mix.max_sample_bytes}", key="max_sample_bytes")
     if mix.lora and not mix.lora_alpha > 0:
         raise ConfigError(f"must be > 0, got {mix.lora_alpha}", key="lora_alpha")
     if value("dataloader_persistent_workers") and value("dataloader_num_workers") == 0:
