@@ -21,6 +21,8 @@ def config(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     (tmp_path / "val.jsonl").write_text("")
     (tmp_path / "shards").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
     (tmp_path / "a_file").write_text("")
 
     def write(**overrides):
@@ -73,6 +75,8 @@ BAD = [  # (overrides, the key the error must name, words it must contain)
     ({"dataloader_num_workers": -1}, "dataloader_num_workers", ">= 0"),
     ({"dataloader_persistent_workers": True}, "dataloader_persistent_workers", "dataloader_num_workers > 0"),
     ({"seed": -1}, "seed", "2**32"),
+    ({"lr_scheduler_kwargs": "min_lr=0"}, "lr_scheduler_kwargs", "expected a mapping"),
+    ({"optim": "adamw_tortch"}, "optim", "expected one of"),
     ({"max_length": 0}, "max_length", "positive"),
     ({"output_dir": ""}, "output_dir", "must name a folder"),
     ({"output_dir": "{tmp}/a_file"}, "output_dir", "is a file, not a folder"),
@@ -101,8 +105,10 @@ BAD = [  # (overrides, the key the error must name, words it must contain)
     (train_entry(image_root="no_images"), "dataset.train[0].image_root", "not found"),
     ({"dataset": {"train": [{"name": "vqa", "data_files": "train.jsonl", "prompt": "Answer:"}]}},
      "dataset.train[0].prompt", "{question}"),
-    ({"dataset": {"train": [{"name": "hf", "data_files": "shards", "columns": {"msgs": "m"}}]}},
+    ({"dataset": {"train": [{"name": "hf", "data_files": "saved", "columns": {"msgs": "m"}}]}},
      "dataset.train[0].columns", "unknown field"),
+    ({"dataset": {"train": [{"name": "hf", "data_files": "shards"}]}}, "dataset.train[0].data_files",
+     "not a `datasets` save_to_disk folder"),
     ({"dataset": {"train": [{"name": "chatml_dataset", "data_files": "train.jsonl"}],
                   "eval": [{"name": "chatml_dataset", "data_files": "val.jsonl", "ratio": 0.5}]}},
      "dataset.eval[0]", "training entries only"),
@@ -137,6 +143,16 @@ def test_report_to_an_integration_that_is_not_installed_says_what_to_install(mon
     check_report_to("all")
 
 
+def test_optimizer_from_a_missing_package_says_what_to_install(config):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ConfigError, match=r"config key 'optim': 'paged_adamw_8bit' needs bitsandbytes: pip install"):
+        load_config(config(optim="paged_adamw_8bit"))
+    load_config(config(optim="adamw_torch", lr_scheduler_kwargs='{"min_lr": 0.0}'))
+
+
 def test_real_report_to_check_matches_what_is_installed(config):
     import importlib.util
 
@@ -153,7 +169,7 @@ def test_real_report_to_check_matches_what_is_installed(config):
     {"max_steps": -1, "num_train_epochs": 0.5}, {"report_to": "none"}, {"report_to": []},
     {"do_train": True, "do_eval": False},
     with_eval(eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="loss"),
-    {"dataset": {"train": [{"name": "hf", "data_files": "shards"}]}},
+    {"dataset": {"train": [{"name": "hf", "data_files": "saved"}]}},
     {"dataset": {"train": [{"name": "chatml_dataset", "data_files": "*.jsonl"}]}},
     {"output_dir": "{tmp}/new/deeper/run"},
 ])

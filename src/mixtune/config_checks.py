@@ -54,6 +54,19 @@ INTEGRATIONS = {
     "flyte": ("is_flytekit_available", "flytekit"), "kubeflow": ("is_kubeflow_available", "kubeflow"),
 }
 
+# optimizers whose package transformers imports only when the optimizer is built (after the model loaded):
+# name prefix -> (module, pip package)
+OPTIMIZER_PACKAGES = {
+    ("adamw_bnb", "adamw_8bit", "ademamix", "lion_", "paged_", "rmsprop_bnb"): ("bitsandbytes", "bitsandbytes"),
+    ("adamw_torch_4bit", "adamw_torch_8bit"): ("torchao", "torchao"),
+    ("galore_",): ("galore_torch", "galore-torch"), ("apollo_",): ("apollo_torch", "apollo-torch"),
+    ("lomo", "adalomo"): ("lomo_optim", "lomo-optim"), ("grokadamw",): ("grokadamw", "grokadamw"),
+    ("schedule_free_",): ("schedulefree", "schedulefree"), ("stable_adamw",): ("optimi", "torch-optimi"),
+    ("adamw_anyprecision",): ("torchdistx", "torchdistx"),
+}
+# TrainingArguments fields that take a dict or its JSON text; other text fails only when it is used
+JSON_DICT_FIELDS = ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+
 
 def check_values(mix, train_kwargs: dict, base_dir: str, notes: list[str]) -> None:
     """All checks that need no model: the training values, the dataset block, output_dir, report_to."""
@@ -70,6 +83,9 @@ def check_values(mix, train_kwargs: dict, base_dir: str, notes: list[str]) -> No
     if value("dataloader_persistent_workers") and value("dataloader_num_workers") == 0:
         raise ConfigError("needs dataloader_num_workers > 0 (there are no workers to keep)",
                           key="dataloader_persistent_workers")
+    check_optimizer(_strategy(value("optim")))
+    for key in JSON_DICT_FIELDS:
+        check_json_dict(train_kwargs.get(key), key)
     check_writable_folder(value("output_dir"), "output_dir")
     if train_kwargs.get("logging_dir"):
         check_writable_folder(train_kwargs["logging_dir"], "logging_dir")
@@ -108,6 +124,26 @@ def check_run_length(value, train_kwargs: dict) -> None:
     if max_steps == -1 and not value("num_train_epochs") > 0:
         raise ConfigError(f"must be > 0 (or give max_steps > 0), got {value('num_train_epochs')}",
                           key="num_train_epochs")
+
+
+def check_optimizer(optim: str) -> None:
+    import importlib.util
+
+    for prefixes, (module, package) in OPTIMIZER_PACKAGES.items():
+        if optim.startswith(prefixes) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"'{optim}' needs {module}: pip install {package} (or choose another optim)", key="optim")
+
+
+def check_json_dict(value: Any, key: str) -> None:
+    if isinstance(value, str):
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"expected a mapping (or its JSON text), got {value!r}", key=key)
 
 
 def check_writable_folder(path: Any, key: str) -> None:
@@ -186,6 +222,11 @@ def check_entry_files(entry, where: str) -> None:
             if not reader.reads_folders:
                 raise ConfigError(f"{path} is a folder; '{entry.name}' reads files: point data_files at the files "
                                   f"inside it (a glob such as {os.path.join(path, '*.json')} works)",
+                                  key=f"{where}.data_files")
+            if entry.name == "hf" and not os.path.exists(os.path.join(path, "state.json")):
+                hint = ("it holds several splits: point data_files at one split's folder" if
+                        os.path.exists(os.path.join(path, "dataset_dict.json")) else "no state.json in it")
+                raise ConfigError(f"{path} is not a `datasets` save_to_disk folder of one split ({hint})",
                                   key=f"{where}.data_files")
         elif not os.path.isfile(path):
             raise ConfigError(f"{path} is not a regular file", key=f"{where}.data_files")
