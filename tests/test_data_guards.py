@@ -305,3 +305,11 @@ def test_cache_key_follows_every_entry_option(tmp_path):
                                           bases=(DatasetEntry,))
     a = extended(name="sharegpt", data_files="d.jsonl")
     assert key(a) != key(dataclasses.replace(a, new_option=1))
+
+
+def test_jsonl_splits_lines_only_at_newlines(tmp_path):
+    # str.splitlines also splits at U+2028 and \x1c, which JSON strings may hold raw; CRLF ends are fine
+    rows = [json.dumps(sample("a\u2028b\x1cc"), ensure_ascii=False), json.dumps(sample("d"))]
+    (tmp_path / "d.jsonl").write_bytes("\r\n".join(rows).encode() + b"\r\n\r\n")
+    got = [r for _, _, r in iter_records(str(tmp_path / "d.jsonl"))]
+    assert got == [sample("a\u2028b\x1cc"), sample("d")]
