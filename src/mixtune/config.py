@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixtune.errors import ConfigError, NotSupportedYet
-from mixtune.paddle_compat import ALIASES, NO_OP_KEYS, translate_keys  # noqa: F401 (tables re-exported)
+from mixtune.paddle_compat import ALIASES, NO_OP_KEYS, translate_keys, warmup_ratio  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -75,6 +75,8 @@ class MixtuneArgs:
         "help": "learning rate of the projector's parameters; default learning_rate (PaddleMIX: mm_projector_lr)"})
     language_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the language model's parameters (head included); default learning_rate"})
+    max_sample_bytes: int = field(default=16 * 1024 * 1024, metadata={
+        "help": "default for dataset entries: a bigger JSON record or JSONL line is a bad sample, never parsed"})
 
 
 # TrainingArguments fields mixtune sets itself.
@@ -106,8 +108,14 @@ def valid_keys() -> set[str]:
 def read_config_file(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; give the config file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -247,8 +255,10 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
+    from mixtune.config_checks import check_values
     from transformers import TrainingArguments
 
+    check_values(mix, train_kwargs, base_dir, notes)
     try:
         training = TrainingArguments(**train_kwargs)
     except (ValueError, TypeError) as e:

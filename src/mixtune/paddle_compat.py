@@ -25,13 +25,21 @@ from mixtune.errors import ConfigError
 ALIASES: dict[str, tuple[str, Any]] = {
     "evaluation_strategy": ("eval_strategy", None),
     # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio of all steps
-    "warmup_ratio": ("warmup_steps", None),
+    "warmup_ratio": ("warmup_steps", lambda v: warmup_ratio(v)),
     "recompute": ("activation_checkpointing", None),
     "use_flash_attention": ("attn_implementation", lambda v: "flash_attention_2" if v else None),
     "group_by_modality_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
     # PaddleMIX's LLaVA trainer: the projector's own learning rate
     "mm_projector_lr": ("projector_lr", None),
 }
+
+def warmup_ratio(value: Any) -> Any:
+    """A ratio must stay below 1: transformers reads warmup_steps >= 1 as a step count."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        raise ConfigError(f"must be in [0, 1) (a fraction of all steps), got {value!r}; for a warm-up in steps "
+                          "give warmup_steps", key="warmup_ratio")
+    return value
+
 
 # PaddleNLP / PaddleMIX keys whose job our stack already does, or that PaddleMIX itself never reads;
 # accepted so PaddleMIX configs run, and logged.
