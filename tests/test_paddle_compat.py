@@ -1,5 +1,7 @@
 """PaddleMIX / PaddleNLP keys read in mixtune's terms, and the PaddleMIX module-name tables."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ from mixtune.config import build_config
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import PADDLE_NAMES, translate_pattern, tied_aliases
 
-BASE = {"model_name_or_path": "some/model", "dataset": {"train": []}}
+# reading a config checks that data files exist (this file does)
+HERE = os.path.abspath(__file__)
+BASE = {"model_name_or_path": "some/model", "dataset": {"train": [{"name": "chatml_dataset", "data_files": HERE}]}}
 
 
 def build(**kw):
@@ -76,7 +80,7 @@ def test_mm_projector_lr_is_a_key_not_a_typo():
 
 
 def entry(**kw):
-    return {"name": "coco_caption", "data_files": "captions.json", **kw}
+    return {"name": "coco_caption", "data_files": HERE, **kw}
 
 
 def test_splits_label_agreeing_with_the_split_is_read_and_dropped():
