@@ -39,13 +39,13 @@ def read_coco_caption(entry, bad) -> list[Conversation]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         base = image_base(entry, path)
-        for image, caption, where in caption_records(path, bad):
+        for image, caption, where in caption_records(path, bad, entry.max_sample_bytes):
             with bad.catch():
                 out.append(caption_conversation(image, caption, prompt, base, where))
     return out
 
 
-def caption_records(path: str, bad):
+def caption_records(path: str, bad, max_bytes: int):
     """(image, caption, where) for each caption, whatever the file's shape."""
     if path.endswith(".jsonl"):
         data = None
@@ -77,7 +77,7 @@ def caption_records(path: str, bad):
                 yield image or None, caption, dict(file=path, index=index, line=None)
                 index += 1
         return
-    for index, line, record in iter_json_records(path, bad):
+    for index, line, record in iter_json_records(path, bad, max_bytes):
         where = dict(file=path, index=index, line=line)
         if not isinstance(record, dict):
             bad.add(DataError(f"sample must be a JSON object, got {type(record).__name__}", **where))
@@ -120,7 +120,7 @@ def read_vqa(entry, bad) -> list[Conversation]:
                     answers[ann["question_id"]] = ann
         else:
             base = image_base(entry, path)
-            for index, line, record in iter_json_records(path, bad):
+            for index, line, record in iter_json_records(path, bad, entry.max_sample_bytes):
                 where = dict(file=path, index=index, line=line)
                 note_unknown_keys(record, VQA_KEYS, where, bad)
                 with bad.catch():
