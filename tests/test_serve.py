@@ -158,6 +158,23 @@ def raw_post(server, body: bytes, key=KEY):
         return e.code, json.loads(e.read())
 
 
+def announce_body(server, length: int):
+    """Send only the headers of a request announcing a body of `length` bytes; return the reply."""
+    import http.client
+
+    host, port = server["url"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for key, value in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                       ("Content-Length", str(length))):
+        conn.putheader(key, value)
+    conn.endheaders()
+    reply = conn.getresponse()
+    status, body = reply.status, json.loads(reply.read())
+    conn.close()
+    return status, body
+
+
 def user(*parts):
     return [{"role": "user", "content": list(parts)}]
 
@@ -204,7 +221,7 @@ def test_bad_requests_get_4xx_and_the_server_carries_on(server, demo_data_dir, t
         assert ask(c, good).choices[0].message.content == expected, f"after {name}"
     assert raw_post(server, b"{not json")[0] == 400
     assert raw_post(server, b"[1, 2]")[0] == 400
-    status, body = raw_post(server, json.dumps({"model": "tiny", "messages": good, "pad": "x" * 3_100_000}).encode())
+    status, body = announce_body(server, 3_100_000)  # refused from its Content-Length, before it is sent
     assert status == 413 and "limit" in body["error"]["message"]
     ok = c.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=user(
         image_part(f"file://{os.path.join(server['media'], 'green.png')}"), TEXT))
