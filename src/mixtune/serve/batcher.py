@@ -115,6 +115,6 @@ class Batcher:
             p.sent = text[:safe]
 
 
-def finished_result(result: Generation) -> dict:
+def usage_of(result: Generation) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}

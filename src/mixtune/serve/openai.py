@@ -28,7 +28,7 @@ from mixtune.data.conversation import IMAGE_PLACEHOLDER
 from mixtune.errors import DataError
 from mixtune.infer.engine import Engine, GenerationOptions
 from mixtune.prompting import conversation_from_turns
-from mixtune.serve.batcher import Batcher, Pending, finished_result
+from mixtune.serve.batcher import Batcher, Pending, usage_of
 
 log = logging.getLogger("mixtune")
 
@@ -272,7 +272,7 @@ def create_app(engine: Engine, settings: ServeSettings):
                     "model": settings.served_model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
                                  "finish_reason": value.finish_reason}],
-                    "usage": finished_result(value)}
+                    "usage": usage_of(value)}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(sse_events(pending, completion_id, created, settings.served_model_name,
                                             include_usage), media_type="text/event-stream")
@@ -306,7 +306,7 @@ async def sse_events(pending: Pending, completion_id: str, created: int, model: 
         else:
             yield chunk({}, value.finish_reason)
             if include_usage:
-                yield chunk({}, usage=finished_result(value))
+                yield chunk({}, usage=usage_of(value))
             break
     yield "data: [DONE]\n\n"
 
