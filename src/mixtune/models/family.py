@@ -58,6 +58,17 @@ class Family:
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
     # and coordinate convention (data/grounding.py). The default: plain names and [x1, y1, x2, y2] in 0-1000.
     grounding: GroundingStyle = DEFAULT_STYLE
+    # What the family's checkpoints are trained for when the config gives no `task` (mixtune/tasks/).
+    task: str = "chat"
+    # Named parts, in priority order: ((part, fnmatch globs over parameter names), ...). The first part whose
+    # globs match a parameter owns it; `freeze_<part>`, `lora_modules_to_save` and per-part rates use them.
+    # Empty: the chat families' projector / vision / language (the projector first: some live in the tower).
+    parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def named_parts(self) -> dict[str, tuple[str, ...]]:
+        if self.parts:
+            return dict(self.parts)
+        return {"projector": self.projector, "vision": self.vision, "language": self.language}
 
     def check_requires(self) -> None:
         import importlib.util

@@ -9,7 +9,8 @@ import os
 from mixtune.errors import MixtuneError
 from mixtune.models.family import Family
 
-FAMILY_MODULES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl", "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v"]
+FAMILY_MODULES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl", "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v",
+                 "clip", "siglip", "timm_classifier"]
 
 # Other names users write for a family.
 ALIASES = {"blip2": "blip-2"}
@@ -26,10 +27,13 @@ def _load() -> dict[str, Family]:
     return _FAMILIES
 
 
-def families() -> list[Family]:
+def families(task: str | None = "chat") -> list[Family]:
+    """The registered families of one task (default: the chat families, which the chat tests parametrise
+    over), or of every task with `task=None`."""
     seen: dict[str, Family] = {}
     for fam in _load().values():
-        seen.setdefault(fam.name, fam)
+        if task is None or fam.task == task:
+            seen.setdefault(fam.name, fam)
     return list(seen.values())
 
 
@@ -52,7 +56,8 @@ def read_model_type(model_name_or_path: str) -> str:
         if not os.path.exists(config_path):
             raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
         with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
+            raw = json.load(f)
+        model_type = raw.get("model_type") or ("timm" if "architecture" in raw else None)  # timm's own format
         if not model_type:
             raise MixtuneError(f"{config_path} has no 'model_type'")
         return model_type
@@ -75,8 +80,8 @@ def support_table() -> str:
     packing is read from the family's own `pack_positions`; tests/test_packing.py proves it for each."""
     import importlib.util
 
-    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "notes")]
-    for fam in families():
+    rows = [("family", "model_type", "task", "SFT", "LoRA", "packing", "generation", "notes")]
+    for fam in families(task=None):
         notes = []
         if not fam.uses_chat_template:
             notes.append("prefix/suffix prompts, one reply per sample")
@@ -84,7 +89,10 @@ def support_table() -> str:
             notes.append("built-in prompt format when the checkpoint has no chat template")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
-        rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes", "; ".join(notes)))
+        chat = fam.task == "chat"
+        rows.append((fam.name, ",".join(fam.model_types), fam.task, "yes", "yes", packing, "yes" if chat else "-",
+                     "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
-        "\n(SFT, LoRA, generation: checked for every family by tests/test_zoo.py on a tiny checkpoint)"
+        "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
+        "contrastive and classification families by tests/test_tasks.py)"

@@ -1,0 +1,156 @@
+"""The contrastive task: image-text pairs for CLIP-style dual encoders (CLIP's InfoNCE, SigLIP's sigmoid loss,
+each the model's own `return_loss=True`), evaluated by zero-shot retrieval R@1/5/10 in both directions.
+
+Pairs come from any reader that gives Conversations (coco_caption, a captions JSON/JSONL, hf image + caption
+columns, chat data): the first image and the first assistant reply. Checkpoints save in transformers' format
+(`from_pretrained` reloads them with the processor).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from mixtune.data.dataset import read_entry
+from mixtune.data.images import load_image
+from mixtune.errors import ConfigError, DataError
+from mixtune.tasks import TaskData
+from mixtune.tasks.samples import build_sample_split, eval_argument
+from mixtune.train.trainer import MixTrainer
+
+log = logging.getLogger("mixtune")
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass
+class PairSample:
+    image: str  # path or data: URI
+    text: str
+    file: str | None = None
+    index: int | None = None
+    line: int | None = None
+
+
+def pair_from_conversation(conv) -> PairSample:
+    """A chat sample as a pair: its first image and its first assistant reply."""
+    reply = next((t.text for t in conv.turns if t.role == "assistant"), None)
+    if not conv.images:
+        raise conv.error("a contrastive pair needs an image; the sample has none", "image")
+    return PairSample(conv.images[0], reply.strip(), conv.file, conv.index, conv.line)
+
+
+def read_pairs(entry, bad) -> list[PairSample]:
+    pairs = []
+    for conv in read_entry(entry, bad):
+        with bad.catch():
+            pairs.append(pair_from_conversation(conv))
+    return pairs
+
+
+@dataclass
+class PairPrep:
+    """Decodes a pair's image into pixel values (picklable for loader workers); text is tokenised per batch."""
+    image_processor: object
+
+    def __call__(self, pair: PairSample) -> dict:
+        try:
+            image = load_image(pair.image)
+        except DataError as e:
+            raise DataError(e.reason, file=pair.file, index=pair.index, line=pair.line, field="image") from None
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "text": pair.text, "image_key": pair.image}
+
+
+@dataclass
+class PairCollator:
+    tokenizer: object
+    max_length: int
+    pad_to_max_length: bool  # SigLIP's text tower pools the last position: pad every text to max_length
+
+    def __call__(self, batch: list[dict]) -> dict:
+        text = self.tokenizer([b["text"] for b in batch], padding="max_length" if self.pad_to_max_length else True,
+                              truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = {"input_ids": text["input_ids"], "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+               "return_loss": True}
+        if not self.pad_to_max_length:  # SigLIP is trained without a text attention mask
+            out["attention_mask"] = text["attention_mask"]
+        return out
+
+
+def load(mix, family):
+    from mixtune.models.loading import load_model_and_processor
+
+    _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    return model, processor
+
+
+def text_max_length(model, mix) -> int:
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return min(mix.max_length, config.text_config.max_position_embeddings)
+
+
+def build_data(config, family, model, processor) -> TaskData:
+    prep = PairPrep(processor.image_processor)
+    train = build_sample_split(config, "train", read_pairs, prep, "contrastive")
+    if train is None:
+        raise ConfigError("has no entries", key="dataset.train")
+    evals = build_sample_split(config, "eval", read_pairs, prep, "contrastive")
+    log.info("train pairs per epoch: %d, eval pairs: %d", len(train), len(evals) if evals else 0)
+    collator = PairCollator(processor.tokenizer, text_max_length(model, config.mix), family.name == "siglip")
+    return TaskData(train=train, eval=eval_argument(evals), collator=collator, trainer_class=ContrastiveTrainer,
+                    skipped=train.skipped + (evals.skipped if evals is not None else []))
+
+
+@torch.no_grad()
+def embed(model, dataset, collator, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Normalised text and image embeddings of every pair, and each pair's image key."""
+    model.eval()
+    texts, images, keys = [], [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(items).items()}
+        batch["return_loss"] = False
+        out = model(**batch)
+        texts.append(torch.nn.functional.normalize(out.text_embeds.float(), dim=-1).cpu())
+        images.append(torch.nn.functional.normalize(out.image_embeds.float(), dim=-1).cpu())
+        keys += [item["image_key"] for item in items]
+    return torch.cat(texts), torch.cat(images), keys
+
+
+def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, keys: list[str]) -> dict[str, float]:
+    """Recall@k text->image and image->text over the distinct images (captions of one image all count)."""
+    unique = list(dict.fromkeys(keys))
+    first = {k: keys.index(k) for k in unique}
+    images = image_emb[[first[k] for k in unique]]
+    target = torch.tensor([unique.index(k) for k in keys])
+    sim = text_emb @ images.T  # texts x images
+    # text->image: the rank of the text's own image
+    t2i_rank = (sim > sim[torch.arange(len(keys)), target][:, None]).sum(1)
+    # image->text: the best rank among the image's texts
+    order = sim.T.argsort(dim=1, descending=True)
+    owner = target[order]  # the image each ranked text belongs to
+    i2t_rank = (owner == torch.arange(len(unique))[:, None]).float().argmax(1)
+    out = {}
+    for k in RECALL_AT:
+        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+    return out
+
+
+class ContrastiveTrainer(MixTrainer):
+    """The model's own contrastive loss; evaluation adds zero-shot retrieval recall (eval_t2i_r1, ...)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(dataset, dict):  # the Trainer evaluated each entry through this method
+            return metrics
+        recall = retrieval_recall(*embed(self.model, dataset, self.data_collator,
+                                         self.args.per_device_eval_batch_size))
+        recall = {f"{metric_key_prefix}_{k}": v for k, v in recall.items()}
+        self.log(recall)
+        metrics.update(recall)
+        return metrics
