@@ -49,6 +49,8 @@ class MixtuneArgs:
         "help": "classification: timm's mixup alpha (0: off); soft targets replace the labels"})
     cutmix_alpha: float = field(default=0.0, metadata={
         "help": "classification: timm's cutmix alpha (0: off)"})
+    augment: bool = field(default=False, metadata={
+        "help": "classification: timm's training transform (random resized crop, flip, colour jitter)"})
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})

@@ -43,8 +43,16 @@ def data_options(config) -> dict:
 def build_data(config, family, model, processor) -> TaskData:
     from mixtune.infer.generate_eval import generation_eval_callbacks
 
+    from mixtune.data.dataset import parse_entries
+    from mixtune.tasks.samples import reader_task
+
     mix, args = config.mix, config.training
     data_opts = data_options(config)
+    for split in ("train", "eval"):
+        for i, entry in enumerate(parse_entries(mix.dataset.get(split) or [], split, config.base_dir)):
+            if reader_task(entry.name) != "chat":
+                raise ConfigError(f"'{entry.name}' data is for the {reader_task(entry.name)} task, not chat",
+                                  key=f"dataset.{split}[{i}].name")
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
                             **data_opts)
     eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
