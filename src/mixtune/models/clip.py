@@ -6,13 +6,13 @@ The text tower pools at the EOS token, so the tokenizer adds BOS and EOS around 
 from __future__ import annotations
 
 from mixtune.models.family import Family
-from mixtune.models.tiny import INIT_STD, save_checkpoint, seeded
+from mixtune.models.tiny import save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
 TEXT_LENGTH = 32  # tiny text tower's positions: the demo's captions are a dozen tokens
 IMAGE_SIZE, PATCH = 56, 8
 TOWER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   initializer_range=INIT_STD)
+                   )
 
 
 def bos_eos_tokenizer(special: list[str], bos: str, eos: str, pad: str, unk: str | None = None, **kwargs):
@@ -39,7 +39,7 @@ def build_tiny(output_dir: str) -> str:
         text_config=dict(**TOWER_SIZES, vocab_size=len(tok), max_position_embeddings=TEXT_LENGTH,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=dict(**TOWER_SIZES, image_size=IMAGE_SIZE, patch_size=PATCH),
-        projection_dim=32, initializer_range=INIT_STD)
+        projection_dim=32)
     return save_checkpoint(CLIPModel(config), processor, output_dir)
 
 

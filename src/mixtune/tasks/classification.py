@@ -90,17 +90,19 @@ def transforms(model, augment: bool):
     return create_transform(**cfg, is_training=augment), create_transform(**cfg, is_training=False)
 
 
-def mixup_for(mix, args, n_classes: int):
+def mixup_for(mix, smoothing: float, n_classes: int):
     if not (mix.mixup_alpha or mix.cutmix_alpha):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha,
-                 label_smoothing=args.label_smoothing_factor, num_classes=n_classes)
+    return Mixup(mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, label_smoothing=smoothing,
+                 num_classes=n_classes)
 
 
 def build_data(config, family, model, processor) -> TaskData:
     mix, args = config.mix, config.training
+    # the task applies label smoothing itself: the Trainer's own label smoother reads a transformers `model.config`
+    smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
     train = build_sample_split(config, "train", read_labels, None, "classification")
     if train is None:
         raise ConfigError("has no entries", key="dataset.train")
@@ -120,10 +122,10 @@ def build_data(config, family, model, processor) -> TaskData:
     evals = build_sample_split(config, "eval", read_labels, LabelPrep(eval_transform, classes), "classification")
     log.info("train images per epoch: %d, eval images: %d, classes: %d", len(train), len(evals) if evals else 0,
              len(classes))
-    return TaskData(train=train, eval=eval_argument(evals), collator=LabelCollator(mixup_for(mix, args, len(classes))),
+    return TaskData(train=train, eval=eval_argument(evals), collator=LabelCollator(mixup_for(mix, smoothing, len(classes))),
                     trainer_class=ClassificationTrainer, compute_metrics=topk_accuracy,
                     skipped=train.skipped + (evals.skipped if evals is not None else []),
-                    trainer_attrs={"class_names": classes, "label_names": ["labels"],
+                    trainer_attrs={"class_names": classes, "label_names": ["labels"], "label_smoothing": smoothing,
                                    "eval_collator": LabelCollator()})
 
 
@@ -140,6 +142,7 @@ class ClassificationTrainer(MixTrainer):
     """Cross-entropy on the timm model's logits (soft targets under mixup); saves in timm's folder format."""
     class_names: list[str] = []
     eval_collator = None
+    label_smoothing = 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits = model(inputs["pixel_values"])
@@ -147,7 +150,7 @@ class ClassificationTrainer(MixTrainer):
         if labels.dim() == 2:  # mixup / cutmix soft targets (label smoothing folded in)
             loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing_factor)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def get_eval_dataloader(self, eval_dataset=None):
