@@ -80,17 +80,17 @@ def support_table() -> str:
     packing is read from the family's own `pack_positions`; tests/test_packing.py proves it for each."""
     import importlib.util
 
-    rows = [("family", "model_type", "task", "SFT", "LoRA", "packing", "generation", "notes")]
+    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "task", "notes")]
     for fam in families(task=None):
         notes = []
-        if not fam.uses_chat_template:
+        if fam.task == "chat" and not fam.uses_chat_template:
             notes.append("prefix/suffix prompts, one reply per sample")
         if fam.default_chat_template:
             notes.append("built-in prompt format when the checkpoint has no chat template")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
         chat = fam.task == "chat"
-        rows.append((fam.name, ",".join(fam.model_types), fam.task, "yes", "yes", packing, "yes" if chat else "-",
+        rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes" if chat else "-", fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
