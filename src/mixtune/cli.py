@@ -51,6 +51,11 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
+    if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
+        from mixtune.tools.task_demo import run_task_demo
+
+        print(json.dumps(run_task_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
+        return 0
     report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora, mixtoken=args.mixtoken)
     print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "next_commands")}, indent=1))
     print("\nUse the trained model:\n" + "\n".join(f"  {c}" for c in report["next_commands"]))
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
+    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification"],
+                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")

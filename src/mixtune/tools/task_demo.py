@@ -43,8 +43,8 @@ TASK_DEMOS = {
                                   "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "weight_decay": 0.0}),
     "classification": dict(family="timm", metric="eval_top1", n_train=600, n_val=60, entry="imagefolder",
                            train="train", val="val",
-                           training={"per_device_train_batch_size": 32, "learning_rate": 1e-3,
-                                     "num_train_epochs": 10, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine",
+                           training={"per_device_train_batch_size": 32, "learning_rate": 2e-3,
+                                     "num_train_epochs": 40, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine",
                                      "weight_decay": 0.0}),
 }
 
