@@ -217,3 +217,50 @@ def test_task_demo_learns_held_out(task, floor, tmp_path):
 
     report = run_task_demo(task, str(tmp_path / "demo"))
     assert report["before"] < 0.5 and report["after"] >= floor, report
+
+
+def _gathered_rank(rank: int, world: int, model_dir: str, batch_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+    import transformers
+
+    from mixtune.tasks.contrastive import gathered_pair_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_file}.init", rank=rank, world_size=world)
+    batch = torch.load(batch_file)
+    model = transformers.AutoModel.from_pretrained(model_dir)
+    half = len(batch["input_ids"]) // world
+    local = {k: v[rank * half:(rank + 1) * half] if torch.is_tensor(v) else v for k, v in batch.items()}
+    loss = gathered_pair_loss(model, model, local)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for g in grads.values():  # what data parallel does: the mean over ranks
+        dist.all_reduce(g)
+        g /= world
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, out_file)
+    dist.destroy_process_group()
+
+
+# two spawned processes cost ~15 s: SigLIP's run is in the slow suite
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f != "clip" else [])
+                                    for f in CONTRASTIVE])
+def test_negatives_gathered_across_two_ranks_equal_one_process(family, tiny_model_dir, shapes, tmp_path):
+    import torch.multiprocessing as mp
+    import transformers
+
+    from mixtune.train.run import build_trainer
+
+    trainer = build_trainer(config(tmp_path, tiny_model_dir(family), shapes, pairs_entry()))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    torch.save(batch, tmp_path / "batch.pt")
+    mp.spawn(_gathered_rank, args=(2, tiny_model_dir(family), str(tmp_path / "batch.pt"), str(tmp_path / "r0.pt")),
+             nprocs=2)
+    two = torch.load(tmp_path / "r0.pt")
+    model = transformers.AutoModel.from_pretrained(tiny_model_dir(family))
+    one = model(**batch).loss  # the model's own loss on the whole global batch in one process
+    one.backward()
+    assert torch.allclose(two["loss"], one.detach(), atol=1e-6), (two["loss"], one)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(two["grads"][name], param.grad, atol=1e-5, rtol=1e-4), name

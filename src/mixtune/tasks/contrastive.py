@@ -140,8 +140,39 @@ def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, keys: list
     return out
 
 
+def pair_loss(logits_per_text: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """CLIP's InfoNCE (both directions) or SigLIP's pairwise sigmoid loss, as transformers computes them."""
+    if sigmoid:
+        signs = 2 * torch.eye(len(logits_per_text), device=logits_per_text.device) - 1
+        return -torch.nn.functional.logsigmoid(signs * logits_per_text).sum(-1).mean()
+    target = torch.arange(len(logits_per_text), device=logits_per_text.device)
+    return (torch.nn.functional.cross_entropy(logits_per_text, target) +
+            torch.nn.functional.cross_entropy(logits_per_text.T, target)) / 2
+
+
+def gathered_pair_loss(model, base, inputs: dict) -> torch.Tensor:
+    """The loss over every rank's pairs: embeddings gathered with their gradient (each rank's pairs meet every
+    rank's negatives). Each rank computes the same global loss; all_gather's backward sums the ranks'
+    gradients into each rank's own embeddings, and data parallel's mean then gives the one-process gradient."""
+    from torch.distributed.nn.functional import all_gather
+
+    out = model(**{**inputs, "return_loss": False})
+    text, image = torch.cat(all_gather(out.text_embeds)), torch.cat(all_gather(out.image_embeds))
+    logits = text @ image.T * base.logit_scale.exp()
+    bias = getattr(base, "logit_bias", None)  # SigLIP
+    return pair_loss(logits + bias if bias is not None else logits, sigmoid=bias is not None)
+
+
 class ContrastiveTrainer(MixTrainer):
-    """The model's own contrastive loss; evaluation adds zero-shot retrieval recall (eval_t2i_r1, ...)."""
+    """The model's own contrastive loss (across ranks when data parallel); evaluation adds zero-shot retrieval
+    recall (eval_t2i_r1, ...)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.world_size <= 1 or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return gathered_pair_loss(model, base, inputs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
