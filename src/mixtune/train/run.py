@@ -16,6 +16,7 @@ from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
 from mixtune.errors import ConfigError
 from mixtune.models.loading import load_model_and_processor
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.report import plot_loss, write_metrics
 
@@ -49,6 +50,7 @@ def build_trainer(config: Config):
     from mixtune.train.trainer import MixTrainer
 
     mix, args = config.mix, config.training
+    join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     for note in config.notes:
         log.info("config: %s", note)
@@ -65,10 +67,11 @@ def build_trainer(config: Config):
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
                      defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
-    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
-                            **data_opts)
-    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
-                           **data_opts)
+    with main_process_first():  # the main process scans and caches lengths; the others read its cache
+        train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length,
+                                config.base_dir, **data_opts)
+        eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
+                               **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
     log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
@@ -98,7 +101,7 @@ def train(config: Config) -> dict:
     resume = resolve_resume(config)
     trainer = build_trainer(config)
     out = config.training.output_dir
-    skipped_path = write_report(trainer.skipped_samples, out)
+    skipped_path = write_report(trainer.skipped_samples, out) if is_main_process() else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
     trainer.save_state()
@@ -109,6 +112,8 @@ def train(config: Config) -> dict:
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     history = trainer.state.log_history
+    if not is_main_process():  # the main process writes metrics and the report for every rank
+        return final
     write_metrics(out, history, final)
     plot_loss(out, history)
     if trainer.skipped_samples:
