@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas
+    from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas, \
+        report_to_launcher
 
     logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
     quiet_replicas()
@@ -122,4 +123,5 @@ def main(argv: list[str] | None = None) -> int:
     except MixtuneError as e:
         if is_main_process() or not isinstance(e, RankFailed):  # another rank's error: the main one says it
             print(f"mixtune: error: {e}", file=sys.stderr)
+            report_to_launcher(e)
         return 2

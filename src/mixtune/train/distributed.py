@@ -317,3 +317,16 @@ def join_deepspeed(training_args) -> None:
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=_dist().get_backend())
+
+
+def report_to_launcher(error: BaseException) -> None:
+    """Under torchrun, write this rank's error where torchrun's failure summary reads it, so the summary
+    names the bad file and sample instead of just an exit code."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    try:
+        ErrorHandler().record_exception(error)
+    except Exception:  # the summary is a courtesy; the error itself is printed anyway
+        pass
