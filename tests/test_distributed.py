@@ -125,7 +125,8 @@ def test_ddp_two_ranks_equal_one_process(single, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("stage", [pytest.param("stage2", marks=pytest.mark.slow), "stage3"])
 def test_zero_two_ranks_equal_one_process_and_output_loads_in_transformers(single, tiny_model_dir, tmp_path, stage):
     ref_folder, ref_out = single
-    run = launch(config(tmp_path, tiny_model_dir("qwen2_vl"), "out", sharding=stage))
+    # stage2 in PaddleMIX's form, with its sharding_parallel_degree
+    run = launch(config(tmp_path, tiny_model_dir("qwen2_vl"), "out", sharding=stage, sharding_parallel_degree=2))
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"DeepSpeed ZeRO-{stage[-1]}" in run.stderr
     assert_same_training(ref_out, tmp_path / "out")
@@ -240,9 +241,10 @@ def test_sample_failing_in_one_ranks_shard_stops_all_ranks(tiny_model_dir, tmp_p
     monkeypatch.setenv("MIXTUNE_CACHE_DIR", str(cache))
     model = tiny_model_dir("qwen2_vl")
     launch(config(tmp_path, model, "first", max_steps=1))  # measures and caches every sample's length
+    cfg = config(tmp_path, model, "second", max_steps=4)
     (tmp_path / "img5.png").write_bytes(b"not an image")  # changed after the scan: only one rank loads it
     start = time.monotonic()
-    run = launch(config(tmp_path, model, "second", max_steps=4), timeout=200)
+    run = launch(cfg, timeout=200)
     assert run.returncode != 0
     assert time.monotonic() - start < 150
     assert "train.json, sample 5, field 'image': cannot decode image" in run.stderr
@@ -395,3 +397,65 @@ def test_main_process_first_raises_the_error_in_one_process():
             ran.append(1)
             raise ConfigError("boom")
     assert ran == [1] and D.is_main_process() and D.world_size() == 1
+
+
+def test_paddlemix_sharding_keys_run_as_zero2(monkeypatch):
+    kwargs, notes = translate(monkeypatch, 2, sharding="stage2", sharding_parallel_degree=2,
+                              tensor_parallel_degree=1, pipeline_parallel_degree=1)
+    assert kwargs["deepspeed"]["zero_optimization"]["stage"] == 2
+
+
+def test_tensor_parallel_needs_gpus_and_a_tp_plan(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="tensor parallel runs on GPUs only"):
+        translate(monkeypatch, 2, tensor_parallel_degree=2)
+    write_json(tmp_path / "config.json", {"model_type": "blip-2"})
+    from mixtune.config import MixtuneArgs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"no tensor-parallel plan.*families with one: .*qwen2_vl"):
+        D.apply_parallelism(MixtuneArgs(model_name_or_path=str(tmp_path), tensor_parallel_degree=2),
+                            {"use_cpu": False}, [])
+    write_json(tmp_path / "config.json", {"model_type": "qwen2_vl"})
+    kwargs = {"use_cpu": False}
+    D.apply_parallelism(MixtuneArgs(model_name_or_path=str(tmp_path), tensor_parallel_degree=2), kwargs, [])
+    assert "deepspeed" not in kwargs and "fsdp" not in kwargs  # transformers' tp_plan does it at load time
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_saves_a_peft_adapter_that_equals_one_process_and_merges(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mixtune.cli import main
+    from mixtune.train.run import train
+
+    base_dir = tiny_model_dir("qwen2_vl")
+    common = dict(lora=True, learning_rate=1e-2)
+    train(load_config(config(tmp_path, base_dir, "one", **common)))
+    run = launch(config(tmp_path, base_dir, "two", sharding="stage3", **common))
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert all(abs(la - lb) < 1e-5 for (_, la), (_, lb) in zip(a, b)) and len(a) == len(b) == 3
+
+    processor = AutoProcessor.from_pretrained(base_dir)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(tmp_path / "img0.png")], return_tensors="pt")
+
+    def adapter_logits(out):
+        base = AutoModelForImageTextToText.from_pretrained(base_dir).eval()
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(out)).eval()(**inputs).logits
+
+    one, two = adapter_logits(tmp_path / "one"), adapter_logits(tmp_path / "two")
+    base = AutoModelForImageTextToText.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        assert (two - base(**inputs).logits).abs().max() > 1e-3  # the adapter trained: the test can fail
+    assert (two - one).abs().max() < 1e-4
+    merged_dir = str(tmp_path / "merged")
+    assert main(["merge-lora", "--lora_path", str(tmp_path / "two"), "--merge_model_path", merged_dir,
+                 "--model_name_or_path", base_dir, "--dtype", "float32"]) == 0
+    with torch.no_grad():
+        merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()(**inputs).logits
+    assert (merged - two).abs().max() < 1e-5

@@ -11,7 +11,7 @@ from mixtune.models.registry import family_for_checkpoint
 
 
 def load_model_and_processor(model_name_or_path: str, attn_implementation: str | None = None,
-                             dtype: torch.dtype = torch.float32):
+                             dtype: torch.dtype = torch.float32, tp_size: int = 1):
     import transformers
 
     family = family_for_checkpoint(model_name_or_path)
@@ -20,6 +20,8 @@ def load_model_and_processor(model_name_or_path: str, attn_implementation: str |
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
+        kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
         model = auto.from_pretrained(model_name_or_path, **kwargs)

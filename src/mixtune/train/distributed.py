@@ -262,6 +262,8 @@ def apply_parallelism(mix, train_kwargs: dict, notes: list[str]) -> None:
     world = launched_world_size()
     group = sharding_group(mix.sharding_parallel_degree, world)
     on_cpu = bool(train_kwargs.get("use_cpu"))
+    check_tensor_parallel(mix, world, on_cpu, sharded=bool(stage or train_kwargs.get("fsdp")
+                                                           or train_kwargs.get("deepspeed")))
     if not stage:
         if group:
             notes.append("'sharding_parallel_degree' has no effect without 'sharding' (plain data parallel)")
@@ -330,3 +332,34 @@ def report_to_launcher(error: BaseException) -> None:
         ErrorHandler().record_exception(error)
     except Exception:  # the summary is a courtesy; the error itself is printed anyway
         pass
+
+
+def has_tp_plan(model_type: str) -> bool:
+    """Whether transformers ships a tensor-parallel plan for this model type's language model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError:
+        return False
+    return bool(getattr(config.get_text_config(), "base_model_tp_plan", None))
+
+
+def check_tensor_parallel(mix, world: int, on_cpu: bool, sharded: bool) -> None:
+    degree = mix.tensor_parallel_degree
+    if degree == 1:
+        return
+    if on_cpu:
+        raise ConfigError("tensor parallel runs on GPUs only: accelerate refuses its parallelism config for "
+                          "CPU processes", key="tensor_parallel_degree")
+    if sharded:
+        raise ConfigError("tensor parallel together with sharding is not built in mixtune; use one of them",
+                          key="tensor_parallel_degree")
+    if world % degree:
+        raise ConfigError(f"{degree} must divide the {world} process(es) launched", key="tensor_parallel_degree")
+    from mixtune.models.registry import families, read_model_type
+
+    if not has_tp_plan(read_model_type(mix.model_name_or_path)):
+        with_plan = sorted(f.name for f in families() if any(has_tp_plan(t) for t in f.model_types))
+        raise ConfigError(f"this model's language model has no tensor-parallel plan (tp_plan) in transformers; "
+                          f"families with one: {', '.join(with_plan)}", key="tensor_parallel_degree")

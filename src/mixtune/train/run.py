@@ -51,7 +51,8 @@ def build_trainer(config: Config):
 
     mix, args = config.mix, config.training
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
-    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
+                                                        tp_size=mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
     if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
