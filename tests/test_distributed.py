@@ -138,6 +138,18 @@ def test_zero_two_ranks_equal_one_process_and_output_loads_in_transformers(singl
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", [None, "stage3"])
+def test_llava_two_ranks_equal_one_process(tiny_model_dir, tmp_path, sharding):
+    from mixtune.train.run import train
+
+    model = tiny_model_dir("llava")
+    train(load_config(config(tmp_path, model, "one")))
+    run = launch(config(tmp_path, model, "two", **({"sharding": sharding} if sharding else {})))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_mixtoken_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     from mixtune.train.run import train
 
@@ -431,7 +443,7 @@ def test_lora_under_zero3_saves_a_peft_adapter_that_equals_one_process_and_merge
     from mixtune.train.run import train
 
     base_dir = tiny_model_dir("qwen2_vl")
-    common = dict(lora=True, learning_rate=1e-2)
+    common = dict(lora=True, learning_rate=1e-2, lora_dropout=0.0)  # dropout masks differ per rank
     train(load_config(config(tmp_path, base_dir, "one", **common)))
     run = launch(config(tmp_path, base_dir, "two", sharding="stage3", **common))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -459,3 +471,14 @@ def test_lora_under_zero3_saves_a_peft_adapter_that_equals_one_process_and_merge
     with torch.no_grad():
         merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()(**inputs).logits
     assert (merged - two).abs().max() < 1e-5
+
+
+def test_lora_init_is_seeded_so_every_rank_and_run_starts_alike(tiny_model_dir, tmp_path):
+    from mixtune.train.run import build_trainer
+
+    def adapters():
+        trainer = build_trainer(load_config(config(tmp_path, tiny_model_dir("qwen2_vl"), "out", lora=True)))
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, second = adapters(), adapters()
+    assert first and all(torch.equal(first[n], second[n]) for n in first)

@@ -56,8 +56,11 @@ def build_trainer(config: Config):
     for note in config.notes:
         log.info("config: %s", note)
     if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+        from transformers import set_seed
+
         from mixtune.train.lora import apply_lora
 
+        set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
         model = apply_lora(model, family, mix)
     else:
         parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
