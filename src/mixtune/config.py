@@ -67,17 +67,21 @@ class MixtuneArgs:
         "help": "what runs `sharding`: deepspeed (ZeRO) or fsdp (FSDP2, GPUs only)"})
     on_bad_sample: str = field(default="error", metadata={
         "help": "default for dataset entries: 'error' stops at the first bad sample, 'skip' drops and reports it"})
+    strict_fields: bool = field(default=False, metadata={
+        "help": "default for dataset entries: a record key the reader does not read is an error, not a warning"})
     truncation: str = field(default="drop", metadata={
         "help": "default for dataset entries: over-long samples are 'drop'ped, or 'downscale' shrinks their images"})
     data_cache_dir: str | None = field(default=None, metadata={
         "help": "where per-sample token lengths are cached; default $MIXTUNE_CACHE_DIR or ~/.cache/mixtune"})
+    max_sample_bytes: int = field(default=16 * 1024 * 1024, metadata={
+        "help": "default for dataset entries: a bigger JSON record or JSONL line is a bad sample, never parsed"})
 
 
 # PaddleNLP / PaddleMIX names -> (our key, value transform). A PaddleMIX config should run unchanged.
 ALIASES: dict[str, tuple[str, Any]] = {
     "evaluation_strategy": ("eval_strategy", None),
     # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio of all steps
-    "warmup_ratio": ("warmup_steps", None),
+    "warmup_ratio": ("warmup_steps", lambda v: warmup_ratio(v)),
     "recompute": ("activation_checkpointing", None),
     "use_flash_attention": ("attn_implementation", lambda v: "flash_attention_2" if v else None),
     "group_by_modality_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
@@ -94,6 +98,14 @@ NO_OP_KEYS = {
 MANAGED = {"remove_unused_columns": False}
 TRAINING_DEFAULTS = {"report_to": "none", "logging_steps": 10, "save_strategy": "epoch",
                      "output_dir": "output", "save_only_model": False}
+
+
+def warmup_ratio(value: Any) -> Any:
+    """A ratio must stay below 1: transformers reads warmup_steps >= 1 as a step count."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        raise ConfigError(f"must be in [0, 1) (a fraction of all steps), got {value!r}; for a warm-up in steps "
+                          "give warmup_steps", key="warmup_ratio")
+    return value
 
 
 @dataclass
@@ -119,8 +131,14 @@ def valid_keys() -> set[str]:
 def read_config_file(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; give the config file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -274,8 +292,10 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
+    from mixtune.config_checks import check_values
     from transformers import TrainingArguments
 
+    check_values(mix, train_kwargs, base_dir, notes)
     try:
         training = TrainingArguments(**train_kwargs)
     except (ValueError, TypeError) as e:

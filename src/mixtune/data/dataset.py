@@ -20,8 +20,10 @@ from mixtune.data.badsamples import POLICIES, TOO_LONG, BadSamples
 from mixtune.data.conversation import Conversation
 from mixtune.data.encode import Encoded, encode_with_processor
 from mixtune.data.formats import expand_data_files, get_reader
+from mixtune.data.formats.jsonstream import DEFAULT_MAX_SAMPLE_BYTES
+from mixtune.data.grounding import fill_grounding
 from mixtune.data.images import fit_image, load_image
-from mixtune.data.lengths import cache_key, default_cache_dir, file_digest, measure, processor_identity, scan
+from mixtune.data.lengths import cache_key, default_cache_dir, entry_options, measure, processor_identity, scan
 from mixtune.data.mix import MixDataset
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError, DataError
@@ -30,7 +32,9 @@ log = logging.getLogger("mixtune")
 
 TRUNCATION = ("drop", "downscale")
 ENTRY_KEYS = {"name", "data_files", "chat_template", "ratio", "repeat", "max_samples", "image_root", "prompt",
-              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample"}
+              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields", "max_sample_bytes"}
+# config-wide keys that are defaults for every entry
+ENTRY_DEFAULT_KEYS = ("on_bad_sample", "truncation", "strict_fields", "max_sample_bytes")
 
 
 @dataclass
@@ -49,6 +53,8 @@ class DatasetEntry:
     max_pixels: int | None = None
     truncation: str = "drop"  # over-long samples: "drop", or "downscale" their images until they fit
     on_bad_sample: str = "error"  # "error" stops at the first bad sample; "skip" drops and reports it
+    strict_fields: bool = False  # a record key the reader does not read is an error, not a warning
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # a bigger JSON record is a bad sample, never parsed
 
     @classmethod
     def from_config(cls, raw: Any, base_dir: str, where: str, defaults: dict | None = None) -> "DatasetEntry":
@@ -76,12 +82,14 @@ class DatasetEntry:
         check("max_samples", positive_int, "a positive integer")
         check("min_pixels", positive_int, "a positive integer")
         check("max_pixels", positive_int, "a positive integer")
+        check("max_sample_bytes", positive_int, "a positive integer (bytes)")
         for key in ("image_root", "prompt", "chat_template"):
             check(key, lambda v: isinstance(v, str), "a string")
         check("columns", lambda v: isinstance(v, dict) and all(isinstance(c, str) for c in v.values()),
               "a mapping of field names to column names")
         check("truncation", lambda v: v in TRUNCATION, f"one of {TRUNCATION}")
         check("on_bad_sample", lambda v: v in POLICIES, f"one of {POLICIES}")
+        check("strict_fields", lambda v: isinstance(v, bool), "true or false")
         if values.get("ratio") is not None and values.get("repeat") is not None:
             raise ConfigError("give 'ratio' or 'repeat', not both", key=where)
         if values.get("min_pixels") and values.get("max_pixels") and values["min_pixels"] > values["max_pixels"]:
@@ -96,7 +104,9 @@ class DatasetEntry:
                    max_samples=values.get("max_samples"), image_root=path("image_root"), prompt=values.get("prompt"),
                    columns=values.get("columns"), min_pixels=values.get("min_pixels"),
                    max_pixels=values.get("max_pixels"), truncation=values.get("truncation") or "drop",
-                   on_bad_sample=values.get("on_bad_sample") or "error")
+                   on_bad_sample=values.get("on_bad_sample") or "error",
+                   strict_fields=bool(values.get("strict_fields")),
+                   max_sample_bytes=values.get("max_sample_bytes") or DEFAULT_MAX_SAMPLE_BYTES)
 
     @property
     def weight(self) -> float | None:
@@ -189,18 +199,20 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def read_entry(entry: DatasetEntry, bad: BadSamples | None = None) -> list[Conversation]:
     """Parse and validate an entry's samples; bad ones raise, or are skipped into `bad`."""
-    bad = bad if bad is not None else BadSamples("error")
+    bad = bad if bad is not None else BadSamples("error", entry=entry.label(), strict_fields=entry.strict_fields)
     conversations = []
     for conv in get_reader(entry.name)(entry, bad):
         with bad.catch():
             conversations.append(conv.validate())
+    if bad.ignored_keys_warning():
+        log.warning(bad.ignored_keys_warning())
     return conversations
 
 
 def build_entry(entry: DatasetEntry, processor, family, max_length: int, processor_id: str, cache_dir: str,
                 num_workers: int = 0) -> SFTDataset:
     label = entry.label()
-    bad = BadSamples(entry.on_bad_sample, entry=label)
+    bad = BadSamples(entry.on_bad_sample, entry=label, strict_fields=entry.strict_fields)
     conversations = read_entry(entry, bad)
     if entry.max_samples is not None:
         conversations = conversations[: entry.max_samples]
@@ -208,11 +220,10 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
               if family.uses_chat_template else None)
     if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
-    encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render)
+    encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
+                     grounding=family.grounding)
     images = ImagePrep(entry.min_pixels, entry.max_pixels)
-    options = {"name": entry.name, "prompt": entry.prompt, "columns": entry.columns, "image_root": entry.image_root,
-               "min_pixels": entry.min_pixels, "max_pixels": entry.max_pixels, "truncation": entry.truncation,
-               "template": file_digest(entry.chat_template) if entry.chat_template else None, "family": family.name, "n": len(conversations),
+    options = {**entry_options(entry), "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)
     key = cache_key(files, processor_id, max_length, options)
@@ -243,15 +254,7 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
     truncation) that an entry may override."""
     if not raw_entries:
         return None
-    if not isinstance(raw_entries, list):
-        raise ConfigError("must be a list of dataset entries", key=f"dataset.{split}")
-    entries = [DatasetEntry.from_config(raw, base_dir, f"dataset.{split}[{i}]", defaults)
-               for i, raw in enumerate(raw_entries)]
-    if split != "train":
-        for i, entry in enumerate(entries):
-            if entry.weight is not None:
-                raise ConfigError("'ratio' and 'repeat' apply to training entries only",
-                                  key=f"dataset.{split}[{i}]")
+    entries = parse_entries(raw_entries, split, base_dir, defaults)
     processor_id = processor_identity(processor)
     cache_dir = cache_dir or default_cache_dir()
     parts = [build_entry(e, processor, family, max_length, processor_id, cache_dir, num_workers) for e in entries]
@@ -270,6 +273,20 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
     return mix
 
 
+def parse_entries(raw_entries: Any, split: str, base_dir: str, defaults: dict | None = None) -> list[DatasetEntry]:
+    """The split's entries with their keys and values checked (no file is read)."""
+    if not isinstance(raw_entries, list):
+        raise ConfigError("must be a list of dataset entries", key=f"dataset.{split}")
+    entries = [DatasetEntry.from_config(raw, base_dir, f"dataset.{split}[{i}]", defaults)
+               for i, raw in enumerate(raw_entries)]
+    if split != "train":
+        for i, entry in enumerate(entries):
+            if entry.weight is not None:
+                raise ConfigError("'ratio' and 'repeat' apply to training entries only",
+                                  key=f"dataset.{split}[{i}]")
+    return entries
+
+
 def unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -279,6 +296,6 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _encode(encode, conv, images, processor, render):
+def _encode(encode, conv, images, processor, render, grounding=None):
     # a module-level function keeps the dataset picklable for data-loader worker processes
-    return encode(conv, images, processor, render)
+    return encode(fill_grounding(conv, images, processor, grounding), images, processor, render)

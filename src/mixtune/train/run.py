@@ -11,7 +11,7 @@ from mixtune.config import Config
 from mixtune.data.collate import PadCollator
 from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
-from mixtune.data.dataset import build_split
+from mixtune.data.dataset import ENTRY_DEFAULT_KEYS, build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
 from mixtune.errors import ConfigError
@@ -70,7 +70,7 @@ def build_trainer(config: Config):
     seed = args.data_seed if args.data_seed is not None else args.seed
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
-                     defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
+                     defaults={k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
     with main_process_first():  # the main process scans and caches lengths; the others read its cache
         train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length,
                                 config.base_dir, **data_opts)
@@ -80,9 +80,6 @@ def build_trainer(config: Config):
         raise ConfigError("has no entries", key="dataset.train")
     log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
     skipped = train_set.skipped + (eval_set.skipped if eval_set is not None else [])
-    if args.eval_strategy != "no" and eval_set is None:
-        raise ConfigError(f"eval_strategy is '{args.eval_strategy.value}' but dataset.eval is empty",
-                          key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collator = PadCollator(pad_id, family.collate_media)

@@ -22,11 +22,15 @@ from typing import Any
 
 from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn
 from mixtune.data.formats import expand_data_files, image_base, iter_json_records, load_json_file, register
+from mixtune.data.formats.records import note_unknown_keys
 from mixtune.data.images import resolve_image_ref
 from mixtune.errors import ConfigError, DataError
 
 CAPTION_PROMPT = "Describe the image briefly."
 VQA_PROMPT = "{question}"
+# keys of the list / JSONL shapes (others are reported, formats/records.py)
+CAPTION_KEYS = frozenset({"id", "image_id", "image", "caption", "captions"})
+VQA_KEYS = frozenset({"id", "image_id", "question_id", "image", "question", "answer", "answers"})
 
 
 @register("coco_caption")
@@ -35,13 +39,13 @@ def read_coco_caption(entry, bad) -> list[Conversation]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         base = image_base(entry, path)
-        for image, caption, where in caption_records(path, bad):
+        for image, caption, where in caption_records(path, bad, entry.max_sample_bytes):
             with bad.catch():
                 out.append(caption_conversation(image, caption, prompt, base, where))
     return out
 
 
-def caption_records(path: str, bad):
+def caption_records(path: str, bad, max_bytes: int):
     """(image, caption, where) for each caption, whatever the file's shape."""
     if path.endswith(".jsonl"):
         data = None
@@ -73,11 +77,12 @@ def caption_records(path: str, bad):
                 yield image or None, caption, dict(file=path, index=index, line=None)
                 index += 1
         return
-    for index, line, record in iter_json_records(path, bad):
+    for index, line, record in iter_json_records(path, bad, max_bytes):
         where = dict(file=path, index=index, line=line)
         if not isinstance(record, dict):
             bad.add(DataError(f"sample must be a JSON object, got {type(record).__name__}", **where))
             continue
+        note_unknown_keys(record, CAPTION_KEYS, where, bad)
         captions = record.get("caption", record.get("captions"))
         for caption in captions if isinstance(captions, list) else [captions]:
             yield record.get("image"), caption, where
@@ -115,8 +120,9 @@ def read_vqa(entry, bad) -> list[Conversation]:
                     answers[ann["question_id"]] = ann
         else:
             base = image_base(entry, path)
-            for index, line, record in iter_json_records(path, bad):
+            for index, line, record in iter_json_records(path, bad, entry.max_sample_bytes):
                 where = dict(file=path, index=index, line=line)
+                note_unknown_keys(record, VQA_KEYS, where, bad)
                 with bad.catch():
                     if not isinstance(record, dict):
                         raise DataError(f"sample must be a JSON object, got {type(record).__name__}", **where)
