@@ -21,7 +21,9 @@ from mixtune.errors import ConfigError
 from mixtune.train import distributed as D
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
-BASE = {"model_name_or_path": "some/model", "dataset": {"train": []}}
+# reading a config checks that data files exist (this file does)
+BASE = {"model_name_or_path": "some/model",
+        "dataset": {"train": [{"name": "chatml_dataset", "data_files": os.path.abspath(__file__)}]}}
 
 
 def varied_data(folder, n=16) -> str:
