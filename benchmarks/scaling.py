@@ -68,8 +68,8 @@ def write_data(folder: str, n: int = 64) -> str:
     records = []
     for i in range(n):
         Image.new("RGB", (56 + 28 * (i % 3), 56), (40 * (i % 6), 200, 30)).save(os.path.join(folder, f"img{i}.png"))
-        records.append({"image": f"img{i}.png",
-                        "conversations": [["<image>Describe the shape." + " More." * (i % 4), "a shape " * (1 + i % 3)]]})
+        question, answer = "<image>Describe the shape." + " More." * (i % 4), "a shape " * (1 + i % 3)
+        records.append({"image": f"img{i}.png", "conversations": [[question, answer]]})
     path = os.path.join(folder, "train.json")
     with open(path, "w") as f:
         json.dump(records, f)

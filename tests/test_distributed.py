@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import write_json
+
 from mixtune.config import build_config, load_config
 from mixtune.errors import ConfigError
 from mixtune.train import distributed as D
