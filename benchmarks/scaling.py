@@ -52,7 +52,8 @@ def build_model(folder: str, layers: int) -> str:
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = 512, 1408, layers
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = 8, 4, 64
     text.rope_parameters["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2
-    config.vision_config.out_hidden_size = 512  # the merger projects into the language model's width
+    text.layer_types = ["full_attention"] * layers
+    config.vision_config.hidden_size = 512  # Qwen2-VL: the merger projects into the language model's width
     model = Qwen2VLForConditionalGeneration(config)
     out = os.path.join(folder, "model")
     model.save_pretrained(out)
