@@ -362,7 +362,7 @@ def test_an_explicit_deepspeed_file_wins(monkeypatch):
 
     kwargs, notes = {"deepspeed": "ds.json"}, []
     D.apply_parallelism(MixtuneArgs(model_name_or_path="m", sharding="stage3"), kwargs, notes)
-    assert kwargs["deepspeed"] == "ds.json" and any("'deepspeed' config file given wins" in n for n in notes)
+    assert kwargs["deepspeed"] == "ds.json" and any("'deepspeed' settings given win" in n for n in notes)
 
 
 def test_fsdp_settings_on_gpu_and_refusal_on_cpu(monkeypatch):

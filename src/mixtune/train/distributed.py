@@ -269,11 +269,15 @@ def apply_parallelism(mix, train_kwargs: dict, notes: list[str]) -> None:
             notes.append("'sharding_parallel_degree' has no effect without 'sharding' (plain data parallel)")
         check_fsdp_device(train_kwargs, on_cpu)
         return
-    user_fsdp = bool(train_kwargs.get("fsdp"))
-    if train_kwargs.get("deepspeed"):
-        notes.append(f"'sharding: {mix.sharding}' has no effect: the 'deepspeed' config file given wins")
+    given = "deepspeed" if train_kwargs.get("deepspeed") else "fsdp" if train_kwargs.get("fsdp") else None
+    if given:  # transformers' own engine keys are complete settings: they win over the short form
+        notes.append(f"'sharding: {mix.sharding}' has no effect: the '{given}' settings given win")
+        check_fsdp_device(train_kwargs, on_cpu)
         return
-    if mix.sharding_engine == "fsdp" or user_fsdp:
+    if mix.sharding_engine == "fsdp":
+        if isinstance(train_kwargs.get("fsdp_config"), str):
+            raise ConfigError("give fsdp_config as a mapping to combine it with 'sharding', or set 'fsdp' "
+                              "yourself beside the file", key="fsdp_config")
         if group:
             from accelerate.parallelism_config import ParallelismConfig
 
