@@ -396,11 +396,12 @@ def test_refusals_say_what_to_do(keys, message):
 
 def test_launch_flags_are_split_from_config_overrides():
     launch_flags, rest = D.split_launch_flags(["--nproc_per_node", "2", "--learning_rate", "1e-4", "--nnodes=2",
-                                               "--rdzv_endpoint", "host:29400", "--node_rank", "1"])
-    assert launch_flags == {"nproc_per_node": "2", "nnodes": "2", "rdzv_endpoint": "host:29400", "node_rank": "1"}
+                                               "--rdzv_endpoint", "host:29400", "--node_rank", "1", "--standalone"])
+    assert launch_flags == {"nproc_per_node": "2", "nnodes": "2", "rdzv_endpoint": "host:29400", "node_rank": "1",
+                            "standalone": None}
     assert rest == ["--learning_rate", "1e-4"]
     cmd = D.torchrun_command(launch_flags, ["cfg.json"] + rest)
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
     assert cmd[-6:] == ["-m", "mixtune", "train", "cfg.json", "--learning_rate", "1e-4"]
 
 
@@ -484,3 +485,29 @@ def test_lora_init_is_seeded_so_every_rank_and_run_starts_alike(tiny_model_dir, 
 
     first, second = adapters(), adapters()
     assert first and all(torch.equal(first[n], second[n]) for n in first)
+
+
+@pytest.mark.slow
+def test_zero3_with_frozen_vision_and_per_entry_eval_equals_one_process(tiny_model_dir, tmp_path):
+    from mixtune.train.run import train
+
+    model = tiny_model_dir("qwen2_vl")
+    records = json.load(open(varied_data(tmp_path)))
+    evals = [{"name": "chatml_dataset", "data_files": write_json(tmp_path / f"{name}.json", part)}
+             for name, part in (("val_a", records[:4]), ("val_b", records[4:10]))]
+    common = dict(freeze_vision=True, eval_strategy="steps", eval_steps=3,
+                  dataset={"train": [{"name": "chatml_dataset", "data_files": str(tmp_path / "train.json")}],
+                           "eval": evals})
+    # eval batches too: 2 x 1 against 1 x 2 (transformers normalises an eval batch's loss by the label
+    # tokens of all ranks' batches, as in training)
+    train(load_config(config(tmp_path, model, "one", per_device_eval_batch_size=2, **common)))
+    run = launch(config(tmp_path, model, "two", sharding="stage3", per_device_eval_batch_size=1, **common))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    one, two = (json.load(open(tmp_path / o / "metrics.json"))["final"] for o in ("one", "two"))
+    for key in ("eval_val_a_loss", "eval_val_b_loss", "eval_loss"):
+        assert abs(one[key] - two[key]) < 1e-5, key
+    base, trained = weights(model), weights(tmp_path / "two")
+    visual = [k for k in base if "visual" in k and "merger" not in k]
+    assert visual and all(torch.equal(base[k], trained[k]) for k in visual)  # the frozen tower is untouched
+    assert any(not torch.equal(base[k], trained[k]) for k in base if "language_model" in k)

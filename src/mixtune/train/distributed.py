@@ -115,6 +115,7 @@ def quiet_replicas() -> None:
 
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint",
                 "rdzv_backend", "rdzv_id", "max_restarts")
+LAUNCH_SWITCHES = ("standalone",)  # torchrun flags without a value
 
 
 def split_launch_flags(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -123,7 +124,9 @@ def split_launch_flags(args: list[str]) -> tuple[dict[str, str], list[str]]:
     launch, rest, i = {}, [], 0
     while i < len(args):
         key, eq, value = args[i][2:].partition("=") if args[i].startswith("--") else ("", "", "")
-        if key.replace("-", "_") in LAUNCH_FLAGS:
+        if key in LAUNCH_SWITCHES:
+            launch[key] = None
+        elif key.replace("-", "_") in LAUNCH_FLAGS:
             if not eq:
                 if i + 1 >= len(args):
                     raise ConfigError(f"--{key} needs a value")
@@ -140,7 +143,7 @@ def torchrun_command(launch: dict[str, str], train_args: list[str]) -> list[str]
     """`python -m torch.distributed.run <flags> -m mixtune train <config> <overrides>`."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     for key, value in launch.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key}"] if value is None else [f"--{key}", str(value)]
     return cmd + ["-m", "mixtune", "train"] + train_args
 
 
