@@ -261,17 +261,22 @@ def check_evaluation(mix, value, train_kwargs: dict, base_dir: str, notes: list[
         allowed = eval_metric_names(mix, base_dir)
         name = metric if metric.startswith("eval_") else f"eval_{metric}"
         if name not in allowed:
-            raise ConfigError(f"{metric!r} is no metric of this run (mixtune evaluates losses only); choose one of "
+            raise ConfigError(f"{metric!r} is no metric of this run (mixtune evaluates losses, and generation scores with eval_with_do_generation); choose one of "
                               f"{sorted(allowed)}", key="metric_for_best_model")
 
 
 def eval_metric_names(mix, base_dir: str) -> set[str]:
     """The metrics an evaluation of this config reports: eval_loss, one eval_<entry>_loss per eval entry when
-    there are several, and the Trainer's timing figures."""
+    there are several, the Trainer's timing figures, and with eval_with_do_generation the generation scores."""
     from mixtune.data.dataset import parse_entries, unique_names
 
     entries = parse_entries(mix.dataset.get("eval") or [], "eval", base_dir)
     names = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+    prefixes = [f"eval_{n}" for n in unique_names([e.label() for e in entries])] if len(entries) > 1 else ["eval"]
     if len(entries) > 1:
-        names |= {f"eval_{n}_loss" for n in unique_names([e.label() for e in entries])}
+        names |= {f"{p}_loss" for p in prefixes}
+    if mix.eval_with_do_generation:  # generation eval's scores, per entry as the losses are
+        from mixtune.infer.metrics import METRICS
+
+        names |= {f"{p}_{m}" for p in prefixes for m in METRICS}
     return names

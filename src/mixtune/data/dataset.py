@@ -167,8 +167,9 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, conversations: list[Conversation], encode, max_length: int, images: ImagePrep | None = None,
                  lengths: list[int] | None = None, scales: list[float] | None = None, name: str = "",
-                 skipped: list[dict] | None = None):
+                 skipped: list[dict] | None = None, render=None):
         self.conversations = conversations
+        self.render = render  # the chat template this entry is rendered with (saved with the model)
         self.encode = encode
         self.max_length = max_length
         self.images = images or ImagePrep()
@@ -245,7 +246,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
     too_long = sum(r["kind"] == TOO_LONG for r in bad.records)
     log.info("dataset %s (%s): %d samples kept, %d over max_length dropped, %d bad skipped, %d downscaled",
              label, entry.name, len(kept), too_long, len(bad.records) - too_long, sum(s < 1.0 for s in scales))
-    return SFTDataset(kept, encode, max_length, images, lengths, scales, name=label, skipped=bad.records)
+    return SFTDataset(kept, encode, max_length, images, lengths, scales, name=label, skipped=bad.records,
+                      render=render)
 
 
 def build_split(raw_entries: list, split: str, processor, family, max_length: int, base_dir: str, *, seed: int = 0,

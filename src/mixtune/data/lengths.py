@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtune.data.conversation import Conversation
-from mixtune.errors import DataError
+from mixtune.errors import ConfigError, DataError
 
 log = logging.getLogger("mixtune")
 
@@ -113,6 +113,8 @@ def measure(conv: Conversation, decode: Callable, fit: Callable, encode: Callabl
     except DataError as e:
         return {"error": {"reason": e.reason, "field": e.field, "file": conv.file, "index": conv.index,
                           "line": conv.line}}
+    except ConfigError:  # the config is wrong (an unsafe chat template), not this sample
+        raise
     except Exception as e:  # a processor rejecting this sample's content (e.g. a 1-pixel image)
         return {"error": {"reason": f"cannot encode: {type(e).__name__}: {e}", "field": None, "file": conv.file,
                           "index": conv.index, "line": conv.line}}

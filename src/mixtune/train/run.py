@@ -14,10 +14,14 @@ from mixtune.data.badsamples import write_report
 from mixtune.data.dataset import ENTRY_DEFAULT_KEYS, build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
+from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
+from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
 from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
+from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
+from mixtune.train.optim import PartRates
 from mixtune.train.report import plot_loss, write_metrics
 
 log = logging.getLogger("mixtune")
@@ -46,6 +50,15 @@ def resolve_resume(config: Config) -> str | bool | None:
     return resume or None
 
 
+def save_training_template(processor, parts) -> None:
+    """The chat template training rendered with is the one saved with the model (a dataset entry's
+    `chat_template` replaces the checkpoint's)."""
+    template = training_chat_template(parts)
+    if template is not None and template != getattr(processor, "chat_template", None):
+        save_with_model(processor, template)
+        log.info("the model is saved with the chat template training used")
+
+
 def build_trainer(config: Config):
     from mixtune.train.trainer import MixTrainer
 
@@ -55,16 +68,19 @@ def build_trainer(config: Config):
                                                         tp_size=mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
-    if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
-        from transformers import set_seed
+    try:
+        if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+            from transformers import set_seed
 
-        from mixtune.train.lora import apply_lora
+            from mixtune.train.lora import apply_lora
 
-        set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
-        model = apply_lora(model, family, mix)
-    else:
-        parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
-        apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
+            set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
+            model = apply_lora(model, family, mix)
+        else:
+            parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
+            apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
+    except ConfigError as e:  # a pattern written for PaddleMIX's module names: add the translation
+        raise with_paddle_name_hint(e, model, family, mix) from None
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
     seed = args.data_seed if args.data_seed is not None else args.seed
@@ -78,6 +94,7 @@ def build_trainer(config: Config):
                                **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
+    save_training_template(processor, train_set.parts + (eval_set.parts if eval_set is not None else []))
     log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
     skipped = train_set.skipped + (eval_set.skipped if eval_set is not None else [])
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -92,8 +109,9 @@ def build_trainer(config: Config):
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
                          data_collator=collator, processing_class=processor,
-                         callbacks=[epoch_callback(train_set)])
+                         callbacks=[epoch_callback(train_set), *generation_eval_callbacks(config, family, processor)])
     trainer.skipped_samples = skipped
+    trainer.part_rates = PartRates.from_config(mix, family)
     return trainer
 
 

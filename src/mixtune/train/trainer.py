@@ -1,4 +1,4 @@
-"""mixtune's Trainer: transformers' own, with three changes.
+"""mixtune's Trainer: transformers' own, with four changes.
 
 1. Resume repair. transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
 hub key names (`visual.*`, `model.layers.*`) while the live model uses `model.visual.*`,
@@ -7,6 +7,7 @@ silently keeps the *untrained* weights. Loading through `from_pretrained` applie
 we then copy the weights in strictly, so any mismatch is an error instead of lost training.
 2. With several eval entries, the overall `eval_loss` beside each entry's.
 3. `group_by_length` from the lengths our datasets measured before training.
+4. Per-part learning rates (train/optim.py) when `part_rates` is set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 
 class MixTrainer(Trainer):
+    part_rates = None  # train.optim.PartRates: vision_lr / projector_lr / language_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.part_rates is not None:
+            from mixtune.train.optim import create_part_optimizer
+
+            self.optimizer = create_part_optimizer(self, self.model if model is None else model, self.part_rates)
+        return super().create_optimizer(model)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
         full_weights = os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")) and any(

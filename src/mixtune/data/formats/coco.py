@@ -142,7 +142,8 @@ def read_vqa(entry, bad) -> list[Conversation]:
                                     "files of data_files", field="answer", **where)
                 image = q.get("image") or vqav2_image(q, subtype, where)
                 answer = ann.get("multiple_choice_answer") or ann.get("answers")
-                out.append(vqa_conversation(image, q.get("question"), answer, prompt, base, where))
+                out.append(vqa_conversation(image, q.get("question"), answer, prompt, base, where,
+                                            human_answers=ann.get("answers")))
     return out
 
 
@@ -164,7 +165,8 @@ def most_common_answer(answer: Any) -> str | None:
     return answer.strip() if isinstance(answer, str) and answer.strip() else None
 
 
-def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: str, where: dict) -> Conversation:
+def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: str, where: dict,
+                     human_answers: Any = None) -> Conversation:
     if not isinstance(question, str) or not question.strip():
         raise DataError("missing field: 'question' must be a non-empty string", field="question", **where)
     target = most_common_answer(answer)
@@ -177,5 +179,11 @@ def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: 
         raise DataError("must be a path or a list of paths", field="image", **where)
     if images and IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER * len(images) + text
+    answers = all_answers(answer if human_answers is None else human_answers)
     return Conversation(turns=[Turn("user", text), Turn("assistant", target)],
-                        images=[image_ref(i, base, where) for i in images], **where)
+                        images=[image_ref(i, base, where) for i in images], answers=answers, **where)
+
+
+def all_answers(answer: Any) -> list[str]:
+    texts = [a.get("answer") if isinstance(a, dict) else a for a in answer] if isinstance(answer, list) else []
+    return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
