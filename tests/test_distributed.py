@@ -355,6 +355,8 @@ def test_zero3_offload_and_hybrid_sharding(monkeypatch):
     assert any("ZeRO-2 shards optimizer state across all 4 ranks" in n for n in notes)
     with pytest.raises(ConfigError, match="3 must divide the 4 process"):
         translate(monkeypatch, 4, sharding="stage3", sharding_parallel_degree=3)
+    kwargs, _ = translate(monkeypatch, 2, sharding="stage3", sharding_parallel_degree=8)  # written for 8 GPUs
+    assert "zero_hpz_partition_size" not in kwargs["deepspeed"]["zero_optimization"]
 
 
 def test_an_explicit_deepspeed_file_wins(monkeypatch):
@@ -511,3 +513,16 @@ def test_zero3_with_frozen_vision_and_per_entry_eval_equals_one_process(tiny_mod
     visual = [k for k in base if "visual" in k and "merger" not in k]
     assert visual and all(torch.equal(base[k], trained[k]) for k in visual)  # the frozen tower is untouched
     assert any(not torch.equal(base[k], trained[k]) for k in base if "language_model" in k)
+
+
+@pytest.mark.slow
+def test_sharding_without_a_launcher_runs_one_process_under_torchrun(single, tiny_model_dir, tmp_path):
+    """`mixtune train cfg` with `sharding` (DeepSpeed needs a process group, even of one): same training."""
+    ref_folder, ref_out = single
+    cfg = config(tmp_path, tiny_model_dir("qwen2_vl"), "out", sharding="stage3 offload")
+    run = subprocess.run([sys.executable, "-m", "mixtune", "train", cfg], capture_output=True, text=True,
+                         timeout=300, env=env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node 1" in run.stderr
+    assert "ZeRO-3 with CPU offload" in run.stderr
+    assert_same_training(ref_out, tmp_path / "out")

@@ -14,9 +14,11 @@ log = logging.getLogger("mixtune")
 
 def cmd_train(args, extra: list[str]) -> int:
     from mixtune.config import load_config, parse_overrides
-    from mixtune.train.distributed import is_main_process, relaunch_under_torchrun, split_launch_flags
+    from mixtune.train.distributed import is_main_process, needs_launcher, relaunch_under_torchrun, split_launch_flags
 
     launch, extra = split_launch_flags(extra)
+    if not launch and needs_launcher(args.config, extra):  # DeepSpeed needs a process group, even of one
+        launch = {"standalone": None, "nproc_per_node": "1"}
     if launch:  # `--nproc_per_node N` (and torchrun's other flags): run again as torchrun's workers
         return relaunch_under_torchrun(launch, [args.config] + extra)
     from mixtune.train.run import train

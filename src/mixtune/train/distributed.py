@@ -147,6 +147,20 @@ def torchrun_command(launch: dict[str, str], train_args: list[str]) -> list[str]
     return cmd + ["-m", "mixtune", "train"] + train_args
 
 
+def needs_launcher(config_path: str, overrides: list[str]) -> bool:
+    """Whether a run outside any launcher asks for DeepSpeed (`sharding` or `deepspeed`), which needs a process
+    group even for one process: `mixtune train` then runs itself under torchrun with one process."""
+    if "WORLD_SIZE" in os.environ:
+        return False
+    from mixtune.config import parse_overrides, read_config_file
+
+    try:
+        raw = {**read_config_file(config_path), **parse_overrides(overrides)}
+    except MixtuneError:
+        return False  # load_config reports it
+    return bool(raw.get("sharding") or raw.get("deepspeed")) and raw.get("sharding_engine") != "fsdp"
+
+
 def relaunch_under_torchrun(launch: dict[str, str], train_args: list[str]) -> int:
     """Run this `mixtune train` again as torchrun's workers; torchrun's exit code is ours."""
     import subprocess
@@ -196,7 +210,9 @@ def sharding_group(degree: int, world: int) -> int | None:
         return None
     if degree < 1:
         raise ConfigError("must be a positive number of ranks, or -1 for all", key="sharding_parallel_degree")
-    if degree > world or world % degree:
+    if degree > world:  # e.g. a PaddleMIX config written for 8 GPUs, run on fewer
+        return None
+    if world % degree:
         raise ConfigError(f"{degree} must divide the {world} process(es) launched", key="sharding_parallel_degree")
     return degree
 
@@ -320,12 +336,28 @@ def join_deepspeed(training_args) -> None:
     """Let DeepSpeed use the process group transformers started. On the CPU, TrainingArguments starts it
     without DeepSpeed (its `use_cpu` branch comes first), and ZeRO-3's partitioned model loading would then
     see a world of one; DeepSpeed adopts an existing torch.distributed group here."""
-    if not training_args.deepspeed or _dist() is None:
+    if not training_args.deepspeed:
         return
     import deepspeed
 
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=_dist().get_backend())
+    if deepspeed.comm.is_initialized():
+        return
+    if _dist() is None and "WORLD_SIZE" not in os.environ:
+        # one process outside any launcher (the Python API; the CLI relaunches under torchrun instead): a
+        # process group of one, rather than DeepSpeed's MPI discovery
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            os.environ.setdefault(key, value)
+    backend = _dist().get_backend() if _dist() else "gloo" if training_args.use_cpu else "nccl"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def report_to_launcher(error: BaseException) -> None:
