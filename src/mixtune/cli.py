@@ -239,8 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas, \
-        report_to_launcher
+    from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas, report_to_launcher
 
     logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
     quiet_replicas()
