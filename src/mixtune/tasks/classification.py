@@ -122,7 +122,8 @@ def build_data(config, family, model, processor) -> TaskData:
     evals = build_sample_split(config, "eval", read_labels, LabelPrep(eval_transform, classes), "classification")
     log.info("train images per epoch: %d, eval images: %d, classes: %d", len(train), len(evals) if evals else 0,
              len(classes))
-    return TaskData(train=train, eval=eval_argument(evals), collator=LabelCollator(mixup_for(mix, smoothing, len(classes))),
+    collator = LabelCollator(mixup_for(mix, smoothing, len(classes)))
+    return TaskData(train=train, eval=eval_argument(evals), collator=collator,
                     trainer_class=ClassificationTrainer, compute_metrics=topk_accuracy,
                     skipped=train.skipped + (evals.skipped if evals is not None else []),
                     trainer_attrs={"class_names": classes, "label_names": ["labels"], "label_smoothing": smoothing,

@@ -82,7 +82,8 @@ class PairCollator:
 def load(mix, family):
     from mixtune.models.loading import load_model_and_processor
 
-    _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
+                                                   tp_size=mix.tensor_parallel_degree)
     return model, processor
 
 

@@ -12,6 +12,7 @@ from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.tasks.chat import save_training_template  # noqa: F401 (re-exported)
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
 from mixtune.train.optim import PartRates
 from mixtune.train.report import plot_loss, write_metrics
@@ -51,13 +52,17 @@ def build_trainer(config: Config):
     mix, args = config.mix, config.training
     family = family_for_checkpoint(mix.model_name_or_path)
     task = get_task(task_name(mix, family))
+    join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     model, processor = task.load(mix, family)
     for note in config.notes:
         log.info("config: %s", note)
     try:
         if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+            from transformers import set_seed
+
             from mixtune.train.lora import apply_lora
 
+            set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
             model = apply_lora(model, family, mix)
         else:
             apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, requested_parts(mix, family))
@@ -66,7 +71,8 @@ def build_trainer(config: Config):
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
     log.info("model family %s (%s), task %s\n%s", family.name, getattr(getattr(model, "config", None), "model_type",
              family.name), task.__name__.rsplit(".", 1)[-1], summary)
-    data = task.build_data(config, family, model, processor)
+    with main_process_first():  # the main process scans and caches lengths; the others read its cache
+        data = task.build_data(config, family, model, processor)
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = (data.trainer_class or MixTrainer)(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
@@ -84,7 +90,7 @@ def train(config: Config) -> dict:
     resume = resolve_resume(config)
     trainer = build_trainer(config)
     out = config.training.output_dir
-    skipped_path = write_report(trainer.skipped_samples, out)
+    skipped_path = write_report(trainer.skipped_samples, out) if is_main_process() else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
     trainer.save_state()
@@ -95,6 +101,8 @@ def train(config: Config) -> dict:
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     history = trainer.state.log_history
+    if not is_main_process():  # the main process writes metrics and the report for every rank
+        return final
     write_metrics(out, history, final)
     plot_loss(out, history)
     if trainer.skipped_samples:
