@@ -32,6 +32,8 @@ def shapes(tmp_path_factory):
         records.append({"image": f"folder/{shape}/{i}.png", "caption": f"a {colour} {shape}"})
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     six = [{"image": r["image"], "label": r["image"].split("/")[1]} for r in records[:6]]  # two per shape
+    captions = [{"image": r["image"], "label": r["caption"]} for r in records]  # 12 distinct captions
+    (root / "captions_as_labels.jsonl").write_text("\n".join(json.dumps(r) for r in captions))
     (root / "six.jsonl").write_text("\n".join(json.dumps(r) for r in six))
     return root
 
@@ -123,6 +125,21 @@ def test_retrieval_recall_counts_ranks():
     # two captions of one image: either counts for image->text, each is scored for text->image
     out = retrieval_recall(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0]]), torch.eye(2)[[0, 0, 1]], ["a", "a", "b"])
     assert out["t2i_r1"] == 1.0 and out["i2t_r1"] == 1.0
+
+
+@pytest.mark.parametrize("family", CONTRASTIVE)
+def test_zero_shot_classification_agrees_with_retrieval(family, tiny_model_dir, shapes, tmp_path):
+    """With every image's own caption as its class name (template "{label}"), zero-shot top-1 is exactly
+    image->text R@1 over the same pairs: two code paths, one number."""
+    from mixtune.train.run import build_trainer
+
+    evals = pairs_entry() + [{"name": "image_label", "data_files": "captions_as_labels.jsonl", "prompt": "{label}"}]
+    trainer = build_trainer(config(tmp_path, tiny_model_dir(family), shapes, pairs_entry(), evals, max_steps=6,
+                                   learning_rate=5e-4))
+    trainer.train()
+    metrics = trainer.evaluate()
+    zero_shot = metrics["eval_zeroshot_captions_as_labels_top1"]
+    assert zero_shot == pytest.approx(metrics["eval_i2t_r1"]) and 0 < zero_shot < 1, metrics
 
 
 def test_chat_sample_becomes_a_pair(demo_data_dir, tiny_model_dir, tmp_path):

@@ -97,11 +97,81 @@ def build_data(config, family, model, processor) -> TaskData:
     train = build_sample_split(config, "train", read_pairs, prep, "contrastive")
     if train is None:
         raise ConfigError("has no entries", key="dataset.train")
-    evals = build_sample_split(config, "eval", read_pairs, prep, "contrastive")
-    log.info("train pairs per epoch: %d, eval pairs: %d", len(train), len(evals) if evals else 0)
+    raw_eval = config.mix.dataset.get("eval") or []
+    labelled = [e for e in raw_eval if isinstance(e, dict) and e.get("name") in LABEL_READERS]
+    evals = build_sample_split(config, "eval", read_pairs, prep, "contrastive",
+                               raw=[e for e in raw_eval if not any(e is x for x in labelled)])
+    zero_shot = zero_shot_sets(config, labelled, processor.image_processor)
+    if zero_shot and evals is None:
+        raise ConfigError("zero-shot classification entries (imagefolder, image_label) are evaluated beside image-text "
+                          "pairs: add a pair entry (e.g. coco_caption) to dataset.eval", key="dataset.eval")
+    log.info("train pairs per epoch: %d, eval pairs: %d, zero-shot classification sets: %d", len(train),
+             len(evals) if evals else 0, len(zero_shot))
     collator = PairCollator(processor.tokenizer, text_max_length(model, config.mix), family.name == "siglip")
     return TaskData(train=train, eval=eval_argument(evals), collator=collator, trainer_class=ContrastiveTrainer,
-                    skipped=train.skipped + (evals.skipped if evals is not None else []))
+                    skipped=train.skipped + (evals.skipped if evals is not None else []),
+                    trainer_attrs={"zero_shot": zero_shot})
+
+
+LABEL_READERS = ("imagefolder", "image_label")
+ZERO_SHOT_PROMPT = "a photo of a {label}."
+
+
+@dataclass
+class ZeroShotSet:
+    """Labelled eval images, classified by the text embedding of `template` filled with each class name."""
+    name: str
+    dataset: object  # SampleList of LabelSample, prepared as {"pixel_values", "label"}
+    template: str
+    classes: list[str]
+
+
+@dataclass
+class LabelledImagePrep:
+    image_processor: object
+
+    def __call__(self, sample) -> dict:
+        pixels = PairPrep(self.image_processor)(PairSample(sample.image, "", sample.file, sample.index, sample.line))
+        return {"pixel_values": pixels["pixel_values"], "label": str(sample.label)}
+
+
+def zero_shot_sets(config, raw: list, image_processor) -> list[ZeroShotSet]:
+    from mixtune.data.dataset import parse_entries
+    from mixtune.data.formats import get_reader
+
+    if not raw:
+        return []
+    mixed = build_sample_split(config, "eval", lambda e, bad: get_reader(e.name)(e, bad),
+                               LabelledImagePrep(image_processor), "classification", raw=raw)
+    entries = parse_entries(raw, "eval", config.base_dir)
+    out = []
+    for entry, part in zip(entries, mixed.parts):
+        template = entry.prompt or ZERO_SHOT_PROMPT
+        if "{label}" not in template:
+            raise ConfigError("a zero-shot prompt template must contain '{label}'", key="dataset.eval.prompt")
+        classes = sorted({str(s.label) for s in part.samples})
+        out.append(ZeroShotSet(part.name, part, template, classes))
+    return out
+
+
+@torch.no_grad()
+def zero_shot_top1(model, collator, zero_shot: ZeroShotSet, batch_size: int = 32) -> float:
+    """The share of images whose most similar class prompt is their own class."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [zero_shot.template.replace("{label}", c) for c in zero_shot.classes]
+    text = collator.tokenizer(prompts, padding="max_length" if collator.pad_to_max_length else True,
+                              truncation=True, max_length=collator.max_length, return_tensors="pt")
+    correct = 0
+    for start in range(0, len(zero_shot.dataset), batch_size):
+        items = [zero_shot.dataset[i] for i in range(start, min(start + batch_size, len(zero_shot.dataset)))]
+        inputs = {"input_ids": text["input_ids"].to(device),
+                  "pixel_values": torch.stack([it["pixel_values"] for it in items]).to(device)}
+        if not collator.pad_to_max_length:
+            inputs["attention_mask"] = text["attention_mask"].to(device)
+        best = model(**inputs).logits_per_image.argmax(-1).cpu()
+        correct += sum(zero_shot.classes[int(b)] == it["label"] for b, it in zip(best, items))
+    return correct / max(len(zero_shot.dataset), 1)
 
 
 @torch.no_grad()
@@ -175,9 +245,16 @@ class ContrastiveTrainer(MixTrainer):
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         return gathered_pair_loss(model, base, inputs)
 
+    zero_shot: list = []  # ZeroShotSet per labelled eval entry
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and self.zero_shot:  # the top-level call (entries come back through here too)
+            scores = {f"{metric_key_prefix}_zeroshot_{z.name}_top1": zero_shot_top1(self.model, self.data_collator, z)
+                      for z in self.zero_shot}
+            self.log(scores)
+            metrics.update(scores)
         if isinstance(dataset, dict):  # the Trainer evaluated each entry through this method
             return metrics
         recall = retrieval_recall(*embed(self.model, dataset, self.data_collator,

@@ -39,10 +39,11 @@ def reader_task(name: str) -> str:
     return getattr(get_reader(name), "task", "chat")
 
 
-def build_sample_split(config, split: str, read: Callable, prepare: Callable, task: str) -> MixDataset | None:
-    """`read(entry, bad) -> samples` for each entry of `dataset.<split>`, mixed."""
+def build_sample_split(config, split: str, read: Callable, prepare: Callable, task: str,
+                       raw: list | None = None) -> MixDataset | None:
+    """`read(entry, bad) -> samples` for each entry of `dataset.<split>` (or of `raw`), mixed."""
     mix = config.mix
-    raw = mix.dataset.get(split)
+    raw = mix.dataset.get(split) if raw is None else raw
     if not raw:
         return None
     entries = parse_entries(raw, split, config.base_dir, {k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
