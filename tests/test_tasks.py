@@ -281,3 +281,25 @@ def test_negatives_gathered_across_two_ranks_equal_one_process(family, tiny_mode
     for name, param in model.named_parameters():
         if param.grad is not None:
             assert torch.allclose(two["grads"][name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_hf_label_reads_class_label_columns_and_image_bytes(shapes, tmp_path):
+    import datasets
+    from PIL import Image
+
+    from mixtune.data.badsamples import BadSamples
+    from mixtune.data.dataset import DatasetEntry
+    from mixtune.data.formats import get_reader
+    from mixtune.data.images import load_image
+
+    files = sorted((shapes / "folder").glob("*/*.png"))[:4]
+    features = datasets.Features({"img": datasets.Image(), "shape": datasets.ClassLabel(names=list(SHAPES))})
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": f.read_bytes(), "path": None} for f in files],
+                                     "shape": [SHAPES.index(f.parent.name) for f in files]}, features=features)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    entry = DatasetEntry(name="hf_label", data_files=str(tmp_path / "hf"), columns={"image": "img", "label": "shape"})
+    samples = get_reader("hf_label")(entry, BadSamples("error", entry="hf"))
+    assert [s.label for s in samples] == [f.parent.name for f in files]
+    assert all(s.image.startswith("hfrow:") for s in samples)  # bytes stay in the arrow file until decoded
+    for sample, f in zip(samples, files):  # embedded bytes decode to the same pixels
+        assert list(load_image(sample.image).getdata()) == list(Image.open(f).convert("RGB").getdata())

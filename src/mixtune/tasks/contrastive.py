@@ -113,7 +113,7 @@ def build_data(config, family, model, processor) -> TaskData:
                     trainer_attrs={"zero_shot": zero_shot})
 
 
-LABEL_READERS = ("imagefolder", "image_label")
+LABEL_READERS = ("imagefolder", "image_label", "hf_label")
 ZERO_SHOT_PROMPT = "a photo of a {label}."
 
 

@@ -2,6 +2,8 @@
 
 `imagefolder`: a folder of class folders (torchvision's ImageFolder layout): `root/<class>/<image>`.
 `image_label`: a JSON list or JSONL of {"image": path, "label": class name or index}.
+`hf_label`: a `datasets` folder (save_to_disk) or parquet / arrow / JSON file with an image and a label column
+(`columns` maps "image" / "label" to other names); a ClassLabel column gives its class names.
 These readers give `LabelSample`s, not Conversations: a chat or contrastive run refuses them.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from mixtune.data.formats import expand_data_files, image_base, iter_json_records, register
 from mixtune.data.formats.records import note_unknown_keys
 from mixtune.data.images import resolve_image_ref
-from mixtune.errors import DataError
+from mixtune.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_KEYS = frozenset({"id", "image", "label"})
@@ -59,6 +61,39 @@ def read_image_labels(entry, bad) -> list[LabelSample]:
     return out
 
 
+@register("hf_label", folders=True)
+def read_hf_labels(entry, bad) -> list[LabelSample]:
+    from mixtune.data.formats.hf import image_refs, open_dataset
+
+    columns = {"image": "image", "label": "label", **(entry.columns or {})}
+    if set(columns) != {"image", "label"}:
+        raise ConfigError(f"hf_label maps only 'image' and 'label' to columns, got {sorted(entry.columns)}",
+                          key="columns")
+    out = []
+    for path in expand_data_files(entry.data_files, entry.base_dir):
+        ds = open_dataset(path)
+        missing = [c for c in columns.values() if c not in ds.column_names]
+        if missing:
+            raise DataError(f"no column(s) {missing}; the dataset has {ds.column_names} (map them with 'columns')",
+                            file=path, field="columns")
+        names = getattr(ds.features[columns["label"]], "names", None)  # a ClassLabel column
+        base, index = image_base(entry, path), 0
+        selected = ds.with_format("arrow").select_columns([columns["image"], columns["label"]])
+        for batch in selected.iter(batch_size=1000):
+            for row in batch.to_pylist():
+                where = dict(file=path, index=index, line=None)
+                with bad.catch():
+                    refs = image_refs(row[columns["image"]], path, index, columns["image"], where)
+                    if len(refs) != 1:
+                        raise DataError(f"a labelled sample needs one image, got {len(refs)}", field="image", **where)
+                    label = row[columns["label"]]
+                    if names and isinstance(label, int) and 0 <= label < len(names):
+                        label = names[label]
+                    out.append(label_sample(refs[0], label, base, where))
+                index += 1
+    return out
+
+
 def label_sample(image, label, base: str, where: dict) -> LabelSample:
     if image is None:
         raise DataError("missing field 'image'", field="image", **where)
@@ -73,4 +108,4 @@ def label_sample(image, label, base: str, where: dict) -> LabelSample:
     return LabelSample(ref, label, **where)
 
 
-read_image_folder.task = read_image_labels.task = "classification"
+read_image_folder.task = read_image_labels.task = read_hf_labels.task = "classification"
