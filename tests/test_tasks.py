@@ -303,3 +303,29 @@ def test_hf_label_reads_class_label_columns_and_image_bytes(shapes, tmp_path):
     assert all(s.image.startswith("hfrow:") for s in samples)  # bytes stay in the arrow file until decoded
     for sample, f in zip(samples, files):  # embedded bytes decode to the same pixels
         assert list(load_image(sample.image).getdata()) == list(Image.open(f).convert("RGB").getdata())
+
+
+@pytest.mark.parametrize("family", ["clip", "timm"])
+def test_resume_matches_the_uninterrupted_run(family, tiny_model_dir, shapes, tmp_path):
+    """Resume is shared across tasks: a timm checkpoint (timm's own folder format) and a CLIP one continue
+    with the same weights, optimizer, schedule and data order."""
+    import shutil
+
+    from mixtune.train.run import train
+
+    data = pairs_entry() if family == "clip" else [{"name": "imagefolder", "data_files": "folder"}]
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, lr_scheduler_type="linear",
+                  learning_rate=5e-4, per_device_train_batch_size=4)
+    train(config(tmp_path, tiny_model_dir(family), shapes, data, output_dir=str(tmp_path / "full"), **common))
+    full_history = json.load(open(tmp_path / "full" / "metrics.json"))["log_history"]
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", part / "checkpoint-3")
+    train(config(tmp_path, tiny_model_dir(family), shapes, data, output_dir=str(part),
+                 resume_from_checkpoint="true", **common))
+    history = json.load(open(part / "metrics.json"))["log_history"]
+    losses_full = {h["step"]: h["loss"] for h in full_history if "loss" in h}
+    losses_resumed = {h["step"]: h["loss"] for h in history if "loss" in h}
+    for step in (4, 5, 6):
+        assert losses_resumed[step] == pytest.approx(losses_full[step], rel=1e-4), step
+    assert set(losses_resumed) == {1, 2, 3, 4, 5, 6}  # steps 1-3 come from the checkpoint's state
