@@ -12,7 +12,7 @@ from mixtune.models.family import Family
 FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl", "blip_2",
     "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v",
-    "clip", "siglip", "timm_classifier",  # contrastive and classification (mixtune/tasks/)
+    "clip", "siglip", "open_clip_family", "coca", "timm_classifier",  # contrastive and classification (tasks/)
 ]
 
 # Other names users write for a family.
@@ -45,7 +45,7 @@ def get_family(name_or_model_type: str) -> Family:
     name_or_model_type = ALIASES.get(name_or_model_type, name_or_model_type)
     if name_or_model_type in table:
         return table[name_or_model_type]
-    for fam in families():
+    for fam in families(task=None):
         if fam.name == name_or_model_type:
             return fam
     raise MixtuneError(f"unsupported model family '{name_or_model_type}'. Supported families: "
@@ -56,6 +56,11 @@ def read_model_type(model_name_or_path: str) -> str:
     """The checkpoint's `model_type`, read from its config without loading weights."""
     config_path = os.path.join(model_name_or_path, "config.json")
     if os.path.isdir(model_name_or_path):
+        open_clip_config = os.path.join(model_name_or_path, "open_clip_config.json")
+        if not os.path.exists(config_path) and os.path.exists(open_clip_config):
+            from mixtune.models.open_clip_family import model_type_of
+
+            return model_type_of(model_name_or_path)  # open_clip's own folder format
         if not os.path.exists(config_path):
             raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
         with open(config_path) as f:

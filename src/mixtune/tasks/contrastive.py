@@ -9,6 +9,7 @@ columns, chat data): the first image and the first assistant reply. Checkpoints 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,17 @@ class PairCollator:
         return out
 
 
+OPEN_CLIP_FAMILIES = ("open_clip", "coca")
+
+
 def load(mix, family):
     from mixtune.models.loading import load_model_and_processor
+
+    if family.name in OPEN_CLIP_FAMILIES:
+        from mixtune.models.open_clip_family import load_open_clip
+
+        family.check_requires()
+        return load_open_clip(mix.model_name_or_path)
 
     _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
                                                    tp_size=mix.tensor_parallel_degree)
@@ -88,8 +98,10 @@ def load(mix, family):
 
 
 def text_max_length(model, mix) -> int:
-    config = getattr(model, "config", None) or model.get_base_model().config
-    return min(mix.max_length, config.text_config.max_position_embeddings)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "model_cfg"):  # open_clip: a fixed context length
+        return base.model_cfg["text_cfg"].get("context_length", 77)
+    return min(mix.max_length, base.config.text_config.max_position_embeddings)
 
 
 def build_data(config, family, model, processor) -> TaskData:
@@ -107,7 +119,9 @@ def build_data(config, family, model, processor) -> TaskData:
                           "pairs: add a pair entry (e.g. coco_caption) to dataset.eval", key="dataset.eval")
     log.info("train pairs per epoch: %d, eval pairs: %d, zero-shot classification sets: %d", len(train),
              len(evals) if evals else 0, len(zero_shot))
-    collator = PairCollator(processor.tokenizer, text_max_length(model, config.mix), family.name == "siglip")
+    # SigLIP pools the last position and open_clip uses a fixed context: texts padded to the full length
+    collator = PairCollator(processor.tokenizer, text_max_length(model, config.mix),
+                            family.name in ("siglip", *OPEN_CLIP_FAMILIES))
     return TaskData(train=train, eval=eval_argument(evals), collator=collator, trainer_class=ContrastiveTrainer,
                     skipped=train.skipped + (evals.skipped if evals is not None else []),
                     trainer_attrs={"zero_shot": zero_shot})
@@ -165,7 +179,7 @@ def zero_shot_top1(model, collator, zero_shot: ZeroShotSet, batch_size: int = 32
     correct = 0
     for start in range(0, len(zero_shot.dataset), batch_size):
         items = [zero_shot.dataset[i] for i in range(start, min(start + batch_size, len(zero_shot.dataset)))]
-        inputs = {"input_ids": text["input_ids"].to(device),
+        inputs = {"input_ids": text["input_ids"].to(device), "return_loss": False,
                   "pixel_values": torch.stack([it["pixel_values"] for it in items]).to(device)}
         if not collator.pad_to_max_length:
             inputs["attention_mask"] = text["attention_mask"].to(device)
@@ -246,6 +260,30 @@ class ContrastiveTrainer(MixTrainer):
         return gathered_pair_loss(model, base, inputs)
 
     zero_shot: list = []  # ZeroShotSet per labelled eval entry
+
+    def _open_clip(self):
+        from mixtune.models.open_clip_family import OpenClipForTraining
+
+        model = self.accelerator.unwrap_model(self.model)
+        return model if isinstance(model, OpenClipForTraining) else None
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = self._open_clip()
+        if model is None:  # transformers' save_pretrained (peft's adapter folder under LoRA)
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model.save(output_dir, state_dict)  # open_clip's own folder format
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from mixtune.models.open_clip_family import WEIGHTS_NAME
+
+        target = self._open_clip()
+        if target is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        target.model.load_state_dict(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)), strict=True)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
