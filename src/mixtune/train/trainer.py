@@ -1,4 +1,4 @@
-"""mixtune's Trainer: transformers' own, with four changes.
+"""mixtune's Trainer: transformers' own, with five changes.
 
 1. Resume repair. transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
 hub key names (`visual.*`, `model.layers.*`) while the live model uses `model.visual.*`,
@@ -7,7 +7,9 @@ silently keeps the *untrained* weights. Loading through `from_pretrained` applie
 we then copy the weights in strictly, so any mismatch is an error instead of lost training.
 2. With several eval entries, the overall `eval_loss` beside each entry's.
 3. `group_by_length` from the lengths our datasets measured before training.
-4. Crash-safe checkpoints: the stock save runs into a staging folder (through `_get_output_dir`), which is then
+4. A finished run resumed (its final save was killed) trains nothing: transformers would run one step past
+`max_steps` (with a zero learning rate) before checking it, and save checkpoint-(N+1).
+5. Crash-safe checkpoints: the stock save runs into a staging folder (through `_get_output_dir`), which is then
 fsynced, marked complete and renamed into place (train/checkpoints.py); rotation counts complete checkpoints
 only and keeps the one just saved; a save that cannot be written (full disk, folder not writable) is one
 OutputDirError naming the path, what was being written and the last complete checkpoint.
@@ -66,6 +68,12 @@ class MixTrainer(Trainer):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.lengths())
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
