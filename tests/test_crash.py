@@ -66,6 +66,8 @@ class Reference:
 def expected_resume(out, ref) -> int | None:
     """After a kill: assert nothing half-written sits in place; return the step a resume must continue from."""
     steps = []
+    if not os.path.isdir(out):  # killed before the folder existed
+        return None
     for name in os.listdir(out):
         if name.startswith("checkpoint-"):
             step = int(name.split("-")[1])
