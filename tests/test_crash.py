@@ -192,3 +192,43 @@ def test_kill_9_at_every_write_then_resume(crash_setup, tmp_path):
     print("RESULT kill-9 test:", json.dumps(tally))
     assert tally["kill points"] == tally["resumed with identical losses and weights"] + tally[
         "said there is no checkpoint"]
+
+
+def test_final_save_into_a_reused_folder_never_mixes_old_and_new(tmp_path):
+    """Kill the final save's commit at each of its writes into a folder holding an earlier final model: a
+    folder with a config.json holds only the new files or only the old ones, never a mix."""
+    from mixtune.train.outdir import commit_final, mark_final_complete
+
+    def fill(folder, tag, extra=()):
+        os.makedirs(folder, exist_ok=True)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", *extra):
+            (folder / name).write_text(f"{tag} {name}")
+
+    points, k = 0, 1
+    while True:
+        out = tmp_path / f"out{k}"
+        fill(out, "old", extra=("metrics.json", "model-00002-of-00002.safetensors"))
+        mark_final_complete(str(out), os.listdir(out))
+        (out / "checkpoint-2").mkdir()
+        staged = out / STAGING / "final"
+        fill(staged, "new")
+        crashkit.arm(str(out), k, "raise")
+        try:
+            commit_final(str(staged), str(out))
+            done = True
+        except crashkit.Killed:
+            done = False
+        crashkit.disarm()
+        tags = {n: (out / n).read_text().split()[0] for n in os.listdir(out) if os.path.isfile(out / n)
+                and n != MARKER}
+        if (out / "config.json").exists():
+            assert len(set(tags.values())) == 1, (k, tags)  # all old (untouched) or all new
+        if (out / MARKER).exists():
+            assert set(tags.values()) == {"old"} and len(tags) == 5, (k, tags)  # only the untouched old folder
+        assert (out / "checkpoint-2").is_dir()
+        points += 1
+        if done:
+            assert tags == {"config.json": "new", "model.safetensors": "new", "tokenizer.json": "new"}
+            break
+        k += 1
+    assert points > 8
