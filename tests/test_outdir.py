@@ -254,3 +254,12 @@ def test_lora_runs_with_the_same_seed_are_identical(run, tmp_path):
     a, b = (load_file(o / "adapter_model.safetensors") for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_A" in k)
+
+
+def test_a_folder_in_use_with_checkpoints_is_refused_as_in_use(run, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)  # the other run has written checkpoints already
+    with OutputLock(str(out)):
+        assert run(out, cli=True) == 2
+    err = capsys.readouterr().err
+    assert "is in use by another mixtune run" in err and "not empty" not in err

@@ -129,8 +129,8 @@ def build_trainer(config: Config):
 
 def train(config: Config) -> dict:
     main = is_main_process()
-    check_output_dir(config)
     with OutputLock(config.training.output_dir) if main else contextlib.nullcontext():  # released on errors too
+        check_output_dir(config)  # after the lock: a folder in use is refused as such, not as "not empty"
         if main:
             prepare_output_dir(config)
         return train_in_output_dir(config, main)
