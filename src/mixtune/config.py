@@ -62,6 +62,8 @@ class MixtuneArgs:
     sharding: str = field(default="", metadata={"help": "ZeRO stage: stage1, stage2 (not built yet)"})
     on_bad_sample: str = field(default="error", metadata={
         "help": "default for dataset entries: 'error' stops at the first bad sample, 'skip' drops and reports it"})
+    strict_fields: bool = field(default=False, metadata={
+        "help": "default for dataset entries: a record key the reader does not read is an error, not a warning"})
     truncation: str = field(default="drop", metadata={
         "help": "default for dataset entries: over-long samples are 'drop'ped, or 'downscale' shrinks their images"})
     data_cache_dir: str | None = field(default=None, metadata={

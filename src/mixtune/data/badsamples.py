@@ -24,6 +24,8 @@ class BadSamples:
     policy: str = "error"
     entry: str = ""  # which dataset entry, for the report
     records: list[dict] = field(default_factory=list)
+    strict_fields: bool = False  # a record key no reader reads is an error, not a warning
+    ignored_keys: Counter = field(default_factory=Counter)  # such key -> how many samples had it
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -38,6 +40,22 @@ class BadSamples:
     def drop_too_long(self, error: DataError) -> None:
         """Over-long samples are dropped whatever the policy: nothing is ever cut through."""
         self.records.append(dict(record_of(error, self.entry), kind=TOO_LONG))
+
+    def ignore_keys(self, keys: list[str], where: dict, count: int = 1) -> None:
+        """A record's keys that its reader does not read: counted for one warning per entry, or an error
+        under strict_fields (whatever on_bad_sample says: it is the data's shape, not one bad sample).
+        `count`: how many samples had them (a whole column of a table counts its rows)."""
+        if self.strict_fields:
+            raise DataError(f"unknown key(s) {keys}: mixtune does not read them (strict_fields: true); remove "
+                            "them, or set strict_fields: false to train without them", field=keys[0], **where)
+        self.ignored_keys.update({k: count for k in keys})
+
+    def ignored_keys_warning(self) -> str | None:
+        if not self.ignored_keys:
+            return None
+        keys = ", ".join(f"'{k}' ({n} sample{'s' * (n != 1)})" for k, n in sorted(self.ignored_keys.items()))
+        return (f"dataset {self.entry}: record key(s) that mixtune does not read were ignored: {keys}; they are "
+                "not trained on (strict_fields: true makes this an error)")
 
     @contextmanager
     def catch(self):

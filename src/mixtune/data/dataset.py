@@ -20,6 +20,7 @@ from mixtune.data.badsamples import POLICIES, TOO_LONG, BadSamples
 from mixtune.data.conversation import Conversation
 from mixtune.data.encode import Encoded, encode_with_processor
 from mixtune.data.formats import expand_data_files, get_reader
+from mixtune.data.grounding import fill_grounding
 from mixtune.data.images import fit_image, load_image
 from mixtune.data.lengths import cache_key, default_cache_dir, file_digest, measure, processor_identity, scan
 from mixtune.data.mix import MixDataset
@@ -30,7 +31,7 @@ log = logging.getLogger("mixtune")
 
 TRUNCATION = ("drop", "downscale")
 ENTRY_KEYS = {"name", "data_files", "chat_template", "ratio", "repeat", "max_samples", "image_root", "prompt",
-              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample"}
+              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields"}
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DatasetEntry:
     max_pixels: int | None = None
     truncation: str = "drop"  # over-long samples: "drop", or "downscale" their images until they fit
     on_bad_sample: str = "error"  # "error" stops at the first bad sample; "skip" drops and reports it
+    strict_fields: bool = False  # a record key the reader does not read is an error, not a warning
 
     @classmethod
     def from_config(cls, raw: Any, base_dir: str, where: str, defaults: dict | None = None) -> "DatasetEntry":
@@ -82,6 +84,7 @@ class DatasetEntry:
               "a mapping of field names to column names")
         check("truncation", lambda v: v in TRUNCATION, f"one of {TRUNCATION}")
         check("on_bad_sample", lambda v: v in POLICIES, f"one of {POLICIES}")
+        check("strict_fields", lambda v: isinstance(v, bool), "true or false")
         if values.get("ratio") is not None and values.get("repeat") is not None:
             raise ConfigError("give 'ratio' or 'repeat', not both", key=where)
         if values.get("min_pixels") and values.get("max_pixels") and values["min_pixels"] > values["max_pixels"]:
@@ -96,7 +99,8 @@ class DatasetEntry:
                    max_samples=values.get("max_samples"), image_root=path("image_root"), prompt=values.get("prompt"),
                    columns=values.get("columns"), min_pixels=values.get("min_pixels"),
                    max_pixels=values.get("max_pixels"), truncation=values.get("truncation") or "drop",
-                   on_bad_sample=values.get("on_bad_sample") or "error")
+                   on_bad_sample=values.get("on_bad_sample") or "error",
+                   strict_fields=bool(values.get("strict_fields")))
 
     @property
     def weight(self) -> float | None:
@@ -189,18 +193,20 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def read_entry(entry: DatasetEntry, bad: BadSamples | None = None) -> list[Conversation]:
     """Parse and validate an entry's samples; bad ones raise, or are skipped into `bad`."""
-    bad = bad if bad is not None else BadSamples("error")
+    bad = bad if bad is not None else BadSamples("error", entry=entry.label(), strict_fields=entry.strict_fields)
     conversations = []
     for conv in get_reader(entry.name)(entry, bad):
         with bad.catch():
             conversations.append(conv.validate())
+    if bad.ignored_keys_warning():
+        log.warning(bad.ignored_keys_warning())
     return conversations
 
 
 def build_entry(entry: DatasetEntry, processor, family, max_length: int, processor_id: str, cache_dir: str,
                 num_workers: int = 0) -> SFTDataset:
     label = entry.label()
-    bad = BadSamples(entry.on_bad_sample, entry=label)
+    bad = BadSamples(entry.on_bad_sample, entry=label, strict_fields=entry.strict_fields)
     conversations = read_entry(entry, bad)
     if entry.max_samples is not None:
         conversations = conversations[: entry.max_samples]
@@ -208,7 +214,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
               if family.uses_chat_template else None)
     if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
-    encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render)
+    encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
+                     grounding=family.grounding)
     images = ImagePrep(entry.min_pixels, entry.max_pixels)
     options = {"name": entry.name, "prompt": entry.prompt, "columns": entry.columns, "image_root": entry.image_root,
                "min_pixels": entry.min_pixels, "max_pixels": entry.max_pixels, "truncation": entry.truncation,
@@ -279,6 +286,6 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _encode(encode, conv, images, processor, render):
+def _encode(encode, conv, images, processor, render, grounding=None):
     # a module-level function keeps the dataset picklable for data-loader worker processes
-    return encode(conv, images, processor, render)
+    return encode(fill_grounding(conv, images, processor, grounding), images, processor, render)

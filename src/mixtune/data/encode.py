@@ -32,11 +32,12 @@ class Encoded:
 
 
 def assistant_spans(messages: list[dict], render: Renderer, where: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendered text and the [start, end) character span of each assistant reply in it."""
+    """The full rendered text and the [start, end) character span of each assistant reply in it that is
+    trained on (`messages` are `where`'s turns; a turn with loss: false carries no labels)."""
     full = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or where.turns[i].loss is False:
             continue
         prefix = render(messages[:i], True)
         upto = render(messages[: i + 1], False)

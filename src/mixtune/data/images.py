@@ -13,12 +13,18 @@ from mixtune.errors import DataError
 
 # Pillow's own default bomb limit is about 89 MP and only warns; a training image this large is an error.
 MAX_IMAGE_PIXELS = 64_000_000
+SOURCE_SIZE = "mixtune_source_size"  # key in a decoded image's `info`: (width, height) of the file
 
 
 def resolve_image_ref(ref: str, base_dir: str) -> str:
-    """Paths are relative to the data file's folder; absolute paths and data: URIs pass through."""
+    """Paths are relative to the data file's folder; absolute paths and data: URIs pass through; `file://`
+    is a local path. Every reader resolves through here, so they all refuse remote images alike."""
     if not isinstance(ref, str) or not ref:
         raise ValueError(f"image reference must be a non-empty string, got {ref!r}")
+    if ref.startswith(("http://", "https://")):
+        raise ValueError(f"remote image {ref!r}: mixtune reads local files and data: URIs; download it first")
+    if ref.startswith("file://"):
+        ref = ref[len("file://"):]
     if ref.startswith(("data:", "hfrow:")) or os.path.isabs(ref):
         return ref
     return os.path.normpath(os.path.join(base_dir, ref))
@@ -53,7 +59,10 @@ def load_image(ref: str) -> Image.Image:
                 raise DataError(f"image is too large ({img.width}x{img.height} pixels, limit "
                                 f"{MAX_IMAGE_PIXELS}): {name}", field="image")
             img.load()
-        return img.convert("RGB")
+        rgb = img.convert("RGB")
+        # grounding boxes are given in the file's own pixels; the size travels with the image through resizing
+        rgb.info[SOURCE_SIZE] = img.size
+        return rgb
     except DataError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -78,4 +87,11 @@ def fit_image(img: Image.Image, min_pixels: int | None = None, max_pixels: int |
         factor = (min_pixels / area) ** 0.5
     if abs(factor - 1.0) < 1e-9:
         return img
-    return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BICUBIC)
+    out = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BICUBIC)
+    out.info[SOURCE_SIZE] = source_size(img)
+    return out
+
+
+def source_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image file before mixtune resized it."""
+    return tuple(img.info.get(SOURCE_SIZE, img.size))

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mixtune.data.grounding import DEFAULT_STYLE, GroundingStyle
+
 
 # Where transformers 5 puts most VLMs' language model and head, and the LoRA targets mixtune defaults to:
 # that language model's attention and MLP projections (the vision tower untouched).
@@ -53,6 +55,9 @@ class Family:
     pack_positions: Callable[[Any, Any], Any] | None = None
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
+    # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
+    # and coordinate convention (data/grounding.py). The default: plain names and [x1, y1, x2, y2] in 0-1000.
+    grounding: GroundingStyle = DEFAULT_STYLE
 
     def check_requires(self) -> None:
         import importlib.util

@@ -5,6 +5,7 @@ along dim 0, so the default collation holds."""
 
 from __future__ import annotations
 
+from mixtune.data.grounding import INTERNVL_STYLE
 from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_template, save_checkpoint, seeded
@@ -49,4 +50,5 @@ FAMILY = Family(
     image_placeholder="<IMG_CONTEXT>\n",
     build_tiny=build_tiny,
     pack_positions=text_positions,
+    grounding=INTERNVL_STYLE,
 )

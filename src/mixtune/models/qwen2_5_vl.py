@@ -29,5 +29,8 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(Qwen2_5_VLForConditionalGeneration(config), processor, output_dir, tok)
 
 
+# Qwen2.5-VL writes boxes in absolute pixels of the image as its processor resized it, not 0-1000
+GROUNDING = dataclasses.replace(qwen2_vl.FAMILY.grounding, model_image_size=qwen2_vl.resized_image_size)
+
 FAMILY = dataclasses.replace(qwen2_vl.FAMILY, name="qwen2_5_vl", model_types=("qwen2_5_vl",),
-                             build_tiny=build_tiny)
+                             build_tiny=build_tiny, grounding=GROUNDING)

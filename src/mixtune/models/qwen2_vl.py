@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mixtune.data.grounding import QWEN_STYLE
 from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_template, save_checkpoint, seeded
@@ -58,6 +59,20 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(Qwen2VLForConditionalGeneration(config), processor, output_dir, tok)
 
 
+def resized_image_size(processor, image) -> tuple[int, int]:
+    """(width, height) of the image as the Qwen-VL image processor resizes it (its `smart_resize`), which is
+    the frame Qwen2.5-VL's absolute box coordinates refer to."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_processor = processor.image_processor
+    # PixelBudgetProcessor (data/dataset.py) passes an entry's min/max_pixels as `size` at call time
+    size = getattr(processor, "images_kwargs", {}).get("size") or image_processor.size
+    height, width = smart_resize(image.height, image.width,
+                                 factor=image_processor.patch_size * image_processor.merge_size,
+                                 min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    return width, height
+
+
 def mrope_positions(model, sample) -> torch.Tensor:
     """(4, L): row 0 the text positions 0..L-1, which transformers reads for sample boundaries when packed;
     rows 1-3 the M-RoPE (temporal, height, width) positions from the model's own `get_rope_index`, run on
@@ -88,4 +103,5 @@ FAMILY = Family(
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
     pack_positions=mrope_positions,
+    grounding=QWEN_STYLE,  # 0-1000 (Qwen2-VL; Qwen3-VL too); Qwen2.5-VL: pixels, in qwen2_5_vl.py
 )

@@ -98,7 +98,8 @@ def build_trainer(config: Config):
     seed = args.data_seed if args.data_seed is not None else args.seed
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
-                     defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation})
+                     defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation,
+                               "strict_fields": mix.strict_fields})
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
                             **data_opts)
     eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mixtune.data.formats.records import note_unknown_keys, refuse_unsupported_media
 from mixtune.errors import ConfigError, DataError
 
 READERS: dict[str, Callable] = {}
@@ -57,15 +58,19 @@ def image_base(entry, path: str) -> str:
     return entry.image_root or os.path.dirname(os.path.abspath(path))
 
 
-def read_json_samples(entry, bad, to_conversation: Callable) -> list:
+def read_json_samples(entry, bad, to_conversation: Callable, known_keys) -> list:
     """Every record of every data file of the entry through `to_conversation(record, image_base, where)`;
-    a record that raises a DataError stops the run or is skipped, as `bad`'s policy says."""
+    a record that raises a DataError stops the run or is skipped, as `bad`'s policy says. Keys outside
+    `known_keys` are reported (formats/records.py)."""
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         base = image_base(entry, path)
         for index, line, record in iter_json_records(path, bad):
+            where = dict(file=path, index=index, line=line)
+            note_unknown_keys(record, known_keys, where, bad)
             with bad.catch():
-                out.append(to_conversation(record, base, dict(file=path, index=index, line=line)))
+                refuse_unsupported_media(record, where)
+                out.append(to_conversation(record, base, where))
     return out
 
 

@@ -2,6 +2,8 @@
 
 PaddleMIX shape:  {"image": "a.jpg" | [...], "conversations": [["<image>question", "answer"], ...]}
 Messages shape:   {"messages": [{"role": "user", "content": "<image>q"}, ...], "images": ["a.jpg"]}
+Records in any other shape the `sharegpt` reader knows (ShareGPT turns, ms-swift's query/response and
+conversation pairs, Alpaca) are read as that reader reads them.
 """
 
 from __future__ import annotations
@@ -10,54 +12,38 @@ from typing import Any
 
 from mixtune.data.conversation import Conversation, Turn
 from mixtune.data.formats import read_json_samples, register
-from mixtune.data.images import resolve_image_ref
+from mixtune.data.formats.records import CONVERSATION_KEYS, build_conversation, resolve_refs
+from mixtune.data.formats.sharegpt import conversation_from_record, image_list
 from mixtune.errors import DataError
 
 
 @register("chatml_dataset", "chatml")
 def read_chatml(entry, bad) -> list[Conversation]:
-    return read_json_samples(entry, bad, lambda record, base, where: Conversation(
-        turns=parse_turns(record, where), images=parse_images(record, base, where), **where))
+    return read_json_samples(entry, bad, chatml_conversation, CONVERSATION_KEYS)
 
 
-def parse_turns(record: Any, where: dict) -> list[Turn]:
-    if not isinstance(record, dict):
-        raise DataError(f"sample must be a JSON object, got {type(record).__name__}", **where)
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list):
-            raise DataError("'messages' must be a list", field="messages", **where)
-        turns = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"message {i} needs 'role' and 'content'", field="messages", **where)
-            turns.append(Turn(role=m["role"], text=m["content"]))
-        return turns
-    if "conversations" in record:
-        pairs = record["conversations"]
-        if not isinstance(pairs, list):
-            raise DataError("'conversations' must be a list of [question, answer] pairs", field="conversations",
-                            **where)
-        turns = []
-        for i, pair in enumerate(pairs):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-                raise DataError(f"conversations[{i}] must be a [question, answer] pair of strings",
-                                field="conversations", **where)
-            turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
-        return turns
-    raise DataError("missing field: expected 'conversations' (PaddleMIX pairs) or 'messages'",
-                    field="conversations", **where)
+def chatml_conversation(record: Any, base: str, where: dict) -> Conversation:
+    if is_paddle_pairs(record):
+        images = resolve_refs(image_list(record, where), base, "images", where)
+        return build_conversation(paddle_turns(record["conversations"], where), images, record, base, where)
+    return conversation_from_record(record, base, where)
 
 
-def parse_images(record: dict, base_dir: str, where: dict) -> list[str]:
-    key = "images" if "images" in record else "image" if "image" in record else None
-    if key is None:
-        return []
-    refs = record[key]
-    refs = [refs] if isinstance(refs, str) else refs
-    if not isinstance(refs, list):
-        raise DataError("must be a path or a list of paths", field=key, **where)
-    try:
-        return [resolve_image_ref(r, base_dir) for r in refs]
-    except ValueError as e:
-        raise DataError(str(e), field=key, **where) from None
+def is_paddle_pairs(record: Any) -> bool:
+    """PaddleMIX's `conversations` is a list of [question, answer] lists (ShareGPT's is a list of objects)."""
+    pairs = record.get("conversations") if isinstance(record, dict) and "messages" not in record else None
+    return pairs is not None and not (isinstance(pairs, list) and any(isinstance(p, dict) for p in pairs))
+
+
+def paddle_turns(pairs: Any, where: dict) -> list[Turn]:
+    if not isinstance(pairs, list):
+        raise DataError("'conversations' must be a list of [question, answer] pairs", field="conversations",
+                        **where)
+    turns = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise DataError(f"conversations[{i}] must be a [question, answer] pair of strings",
+                            field="conversations", **where)
+        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+    return turns
+

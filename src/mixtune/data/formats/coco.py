@@ -22,11 +22,15 @@ from typing import Any
 
 from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn
 from mixtune.data.formats import expand_data_files, image_base, iter_json_records, load_json_file, register
+from mixtune.data.formats.records import note_unknown_keys
 from mixtune.data.images import resolve_image_ref
 from mixtune.errors import ConfigError, DataError
 
 CAPTION_PROMPT = "Describe the image briefly."
 VQA_PROMPT = "{question}"
+# keys of the list / JSONL shapes (others are reported, formats/records.py)
+CAPTION_KEYS = frozenset({"id", "image_id", "image", "caption", "captions"})
+VQA_KEYS = frozenset({"id", "image_id", "question_id", "image", "question", "answer", "answers"})
 
 
 @register("coco_caption")
@@ -78,6 +82,7 @@ def caption_records(path: str, bad):
         if not isinstance(record, dict):
             bad.add(DataError(f"sample must be a JSON object, got {type(record).__name__}", **where))
             continue
+        note_unknown_keys(record, CAPTION_KEYS, where, bad)
         captions = record.get("caption", record.get("captions"))
         for caption in captions if isinstance(captions, list) else [captions]:
             yield record.get("image"), caption, where
@@ -117,6 +122,7 @@ def read_vqa(entry, bad) -> list[Conversation]:
             base = image_base(entry, path)
             for index, line, record in iter_json_records(path, bad):
                 where = dict(file=path, index=index, line=line)
+                note_unknown_keys(record, VQA_KEYS, where, bad)
                 with bad.catch():
                     if not isinstance(record, dict):
                         raise DataError(f"sample must be a JSON object, got {type(record).__name__}", **where)

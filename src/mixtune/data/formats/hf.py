@@ -5,6 +5,8 @@ fields already named like ours need no mapping. A row becomes a sample by the fi
   messages / conversations (+ images)  -> as `sharegpt`;
   question + answer (+ image / images) -> as `vqa`;
   caption + image                      -> as `coco_caption` (with the entry's `prompt`).
+`system` and ms-swift's grounding `objects` are read for any row; `videos` / `audios` make a row a bad
+sample (not supported yet); any other column is reported as not read (an error under strict_fields).
 Images may be paths (relative to `image_root` or the data file's folder), `data:` URIs, or `datasets`
 Image values ({"bytes", "path"}). Embedded bytes stay in the memory-mapped arrow files: a sample keeps only
 an `hfrow:` reference, and the loader worker reads that one cell when it needs the image.
@@ -19,10 +21,13 @@ from typing import Any
 from mixtune.data.conversation import Conversation
 from mixtune.data.formats import expand_data_files, image_base, register
 from mixtune.data.formats.coco import CAPTION_PROMPT, VQA_PROMPT, caption_conversation, vqa_conversation
+from mixtune.data.formats.records import (MEDIA_KEYS, note_unknown_keys, parse_objects, refuse_unsupported_media,
+                                          resolve_refs, with_system)
 from mixtune.data.formats.sharegpt import conversation_from_record
 from mixtune.errors import ConfigError, DataError
 
-FIELDS = ("messages", "conversations", "images", "image", "question", "answer", "answers", "caption")
+FIELDS = ("messages", "conversations", "images", "image", "question", "answer", "answers", "caption", "system",
+          "objects", *MEDIA_KEYS)
 HF_SCHEME = "hfrow:"
 
 
@@ -41,13 +46,18 @@ def read_hf(entry, bad) -> list[Conversation]:
             raise DataError(f"column(s) {missing} named in 'columns' are not in the dataset; it has "
                             f"{ds.column_names}", file=path, field="columns")
         columns = {f: mapping.get(f, f) for f in FIELDS if mapping.get(f, f) in ds.column_names}
+        unused = [c for c in ds.column_names if c not in columns.values() and c != "id"]
+        if unused:  # counted per column, not per row: reading them row by row could mean reading image bytes
+            bad.ignore_keys(unused, dict(file=path, index=None, line=None), count=len(ds))
         base = image_base(entry, path)
         index = 0
         for batch in ds.with_format("arrow").select_columns(sorted(set(columns.values()))).iter(batch_size=1000):
             for row in batch.to_pylist():
                 where = dict(file=path, index=index, line=None)
+                record = {f: row[c] for f, c in columns.items()}
+                note_unknown_keys(record, FIELDS, where, bad)  # keys inside turns, e.g. messages[].name
                 with bad.catch():
-                    record = {f: row[c] for f, c in columns.items()}
+                    refuse_unsupported_media(record, where)
                     out.append(row_conversation(record, columns, path, base, entry.prompt, where))
                 index += 1
     return out
@@ -57,10 +67,14 @@ def row_conversation(record: dict, columns: dict, path: str, base: str, prompt: 
                      where: dict) -> Conversation:
     image_field = "images" if record.get("images") is not None else "image"
     refs = image_refs(record.get(image_field), path, where["index"], columns.get(image_field), where)
+    images = resolve_refs(refs, base, columns.get(image_field, image_field), where)  # hfrow: refs pass through
     if record.get("messages") is not None or record.get("conversations") is not None:
         conv = conversation_from_record({k: v for k, v in record.items() if k not in ("images", "image")}, base,
                                         where)
-        conv.images = [r if r.startswith(HF_SCHEME) else _resolve(r, base) for r in refs]
+        if images and conv.images:
+            raise DataError("images are given both inside the messages and in an image column; use one",
+                            field=columns.get(image_field, image_field), **where)
+        conv.images = images or conv.images
         return conv
     if record.get("question") is not None:
         answer = record.get("answer", record.get("answers"))
@@ -73,7 +87,9 @@ def row_conversation(record: dict, columns: dict, path: str, base: str, prompt: 
         raise DataError(f"missing field: a row needs messages, conversations, question + answer, or caption "
                         f"(map columns with 'columns'); it has {sorted(k for k, v in record.items() if v is not None)}",
                         field="columns", **where)
-    conv.images = [r if r.startswith(HF_SCHEME) else _resolve(r, base) for r in refs]
+    conv.images = images
+    conv.turns = with_system(conv.turns, record, where)
+    conv.objects = parse_objects(record, where)
     return conv
 
 
@@ -94,12 +110,6 @@ def image_refs(value: Any, path: str, row: int, column: str | None, where: dict)
             raise DataError(f"unreadable image value {str(v)[:60]!r}: expected a path, a data: URI or an Image "
                             "value with bytes or path", field=column or "image", **where)
     return refs
-
-
-def _resolve(ref: str, base: str) -> str:
-    from mixtune.data.images import resolve_image_ref
-
-    return resolve_image_ref(ref, base)
 
 
 def open_dataset(path: str):

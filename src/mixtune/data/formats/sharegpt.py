@@ -6,45 +6,50 @@ OpenAI shape:   {"messages": [{"role": "user", "content": [{"type": "image_url",
 ShareGPT shape: {"conversations": [{"from": "human", "value": "<image>What is this?"},
                                    {"from": "gpt", "value": "A cat."}], "images": ["a.jpg"]}
 Content may be a string with `<image>` placeholders (images then come from `images`/`image`) or a list of
-parts; an image part may carry its own reference (`image_url`, `image`, `url`, `path`).
+parts; an image part may carry its own reference (`image_url`, `image`, `url`, `path`). A turn may carry
+ms-swift's `"loss": false` (or OpenAI's `"weight": 0`). The legacy shapes of formats/legacy.py, a top-level
+`system` and ms-swift's grounding `objects` are read too (formats/records.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn
+from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn, media_not_supported
 from mixtune.data.formats import read_json_samples, register
-from mixtune.data.images import resolve_image_ref
+from mixtune.data.formats.legacy import legacy_turns
+from mixtune.data.formats.records import CONVERSATION_KEYS, build_conversation, resolve_refs, turn_loss
 from mixtune.errors import DataError
 
 # ShareGPT / LLaVA speaker names -> our roles. Anything else is kept as is, and validation rejects it.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TURN_KEYS = ("messages", "conversations")
+# OpenAI content parts carrying media mixtune cannot train on yet
+MEDIA_PARTS = {"video": "video", "video_url": "video", "input_audio": "audio", "audio": "audio", "audio_url": "audio"}
 
 
 @register("sharegpt", "messages")
 def read_sharegpt(entry, bad) -> list[Conversation]:
-    return read_json_samples(entry, bad, conversation_from_record)
+    return read_json_samples(entry, bad, conversation_from_record, CONVERSATION_KEYS)
 
 
 def conversation_from_record(record: Any, base_dir: str, where: dict, turn_keys=TURN_KEYS) -> Conversation:
     if not isinstance(record, dict):
         raise DataError(f"sample must be a JSON object, got {type(record).__name__}", **where)
     key = next((k for k in turn_keys if k in record), None)
-    if key is None:
-        raise DataError(f"missing field: expected one of {list(turn_keys)}", field=turn_keys[0], **where)
-    turns, inline = parse_turns(record[key], key, where)
+    if key is not None:
+        turns, inline = parse_turns(record[key], key, where)
+    elif turn_keys == TURN_KEYS and (legacy := legacy_turns(record, where)) is not None:
+        turns, inline = legacy, []
+    else:
+        legacy = (" (or the legacy shapes: query/response, conversation pairs, instruction/output)"
+                  if turn_keys == TURN_KEYS else "")
+        raise DataError(f"missing field: expected one of {list(turn_keys)}{legacy}", field=turn_keys[0], **where)
     listed = image_list(record, where)
     if inline and listed:
         raise DataError("images are given both inside the messages and in an 'images' list; use one",
                         field="images", **where)
-    refs = inline or listed
-    try:
-        images = [resolve_image_ref(strip_file_scheme(r), base_dir) for r in refs]
-    except ValueError as e:
-        raise DataError(str(e), field="images", **where) from None
-    return Conversation(turns=turns, images=images, **where)
+    return build_conversation(turns, resolve_refs(inline or listed, base_dir, "images", where), record, base_dir, where)
 
 
 def parse_turns(messages: Any, key: str, where: dict) -> tuple[list[Turn], list]:
@@ -61,7 +66,9 @@ def parse_turns(messages: Any, key: str, where: dict) -> tuple[list[Turn], list]
             role, content, names = m.get("from"), m.get("value"), ("from", "value")
         if role is None or content is None:
             raise DataError(f"missing field: {key}[{i}] needs '{names[0]}' and '{names[1]}'", field=key, **where)
-        turns.append(Turn(ROLE_NAMES.get(role, role), content_text(content, inline, f"{key}[{i}]", where)))
+        name = f"{key}[{i}]"
+        turns.append(Turn(ROLE_NAMES.get(role, role), content_text(content, inline, name, where),
+                          loss=turn_loss(m, name, where)))
     return turns, inline
 
 
@@ -82,6 +89,9 @@ def content_text(content: Any, inline: list, name: str, where: dict) -> str:
             if ref is not None:
                 inline.append(ref)
             text.append(IMAGE_PLACEHOLDER)
+        elif kind in MEDIA_PARTS:
+            raise DataError(f"{name} has a '{kind}' part: {media_not_supported(MEDIA_PARTS[kind])}", field=name,
+                            **where)
         else:
             raise DataError(f"{name} has a content part of unknown type {kind!r}; expected text, image or "
                             "image_url", field=name, **where)
@@ -98,10 +108,3 @@ def image_list(record: dict, where: dict) -> list:
         raise DataError("must be a path or a list of paths", field=key, **where)
     return refs
 
-
-def strip_file_scheme(ref: Any) -> Any:
-    if isinstance(ref, str) and ref.startswith("file://"):
-        return ref[len("file://"):]
-    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
-        raise ValueError(f"remote image {ref!r}: mixtune reads local files and data: URIs; download it first")
-    return ref
