@@ -17,6 +17,7 @@ from conftest import red_image, write_config, write_json
 from mixtune.config import load_config
 from mixtune.errors import ConfigError
 from mixtune.train.checkpoints import MARKER, STAGING
+from mixtune.train.lock import LOCK_NAME
 from mixtune.train.run import train
 
 STEPS = dict(max_steps=6, save_strategy="steps", save_steps=2, lr_scheduler_type="linear", learning_rate=1e-3,
@@ -189,6 +190,9 @@ def test_kill_9_at_every_write_then_resume(crash_setup, tmp_path):
             assert_same_run(str(out), ref)
             tally["resumed with identical losses and weights"] += 1
         tally["kill points"] += 1
+        where = "in checkpoint saves" if "checkpoint-" in events[k - 1][1] else \
+            "at the start (lock, staging)" if events[k - 1][1] in (".", LOCK_NAME, STAGING) else "in the final save"
+        tally[where] = tally.get(where, 0) + 1
     print("RESULT kill-9 test:", json.dumps(tally))
     assert tally["kill points"] == tally["resumed with identical losses and weights"] + tally[
         "said there is no checkpoint"]
