@@ -213,6 +213,7 @@ def test_final_save_into_a_reused_folder_never_mixes_old_and_new(tmp_path):
         out = tmp_path / f"out{k}"
         fill(out, "old", extra=("metrics.json", "model-00002-of-00002.safetensors"))
         mark_final_complete(str(out), os.listdir(out))
+        (out / f"{MARKER}.tmp").write_text("old stray")  # a kill while the old marker was being written
         (out / "checkpoint-2").mkdir()
         staged = out / STAGING / "final"
         fill(staged, "new")
@@ -228,11 +229,11 @@ def test_final_save_into_a_reused_folder_never_mixes_old_and_new(tmp_path):
         if (out / "config.json").exists():
             assert len(set(tags.values())) == 1, (k, tags)  # all old (untouched) or all new
         if (out / MARKER).exists():
-            assert set(tags.values()) == {"old"} and len(tags) == 5, (k, tags)  # only the untouched old folder
+            assert set(tags.values()) == {"old"} and len(tags) == 6, (k, tags)  # only the untouched old folder
         assert (out / "checkpoint-2").is_dir()
         points += 1
         if done:
-            assert tags == {"config.json": "new", "model.safetensors": "new", "tokenizer.json": "new"}
+            assert tags == {"config.json": "new", "model.safetensors": "new", "tokenizer.json": "new"}, tags
             break
         k += 1
     assert points > 8

@@ -33,7 +33,7 @@ def final_files(output_dir: str) -> list[str]:
     """Top-level files of the final save already in output_dir: the marker's list, plus any name a final save
     writes (an older mixtune's folder has no marker)."""
     marker = read_marker(output_dir) or {"files": {}}
-    names = set(marker["files"]) | {n for n in os.listdir(output_dir) if FINAL_FILE_RE.match(n)}
+    names = set(marker["files"]) | {n for n in os.listdir(output_dir) if FINAL_FILE_RE.match(n)} | {f"{MARKER}.tmp"}
     return sorted(n for n in names if os.path.isfile(os.path.join(output_dir, n)) and n not in RUN_REPORTS)
 
 
