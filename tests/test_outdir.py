@@ -263,3 +263,19 @@ def test_a_folder_in_use_with_checkpoints_is_refused_as_in_use(run, reference, t
         assert run(out, cli=True) == 2
     err = capsys.readouterr().err
     assert "is in use by another mixtune run" in err and "not empty" not in err
+
+
+def test_best_checkpoint_is_recorded_at_its_final_place(tiny_model_dir, tmp_path):
+    """The stock save runs in the staging folder; the best checkpoint must be recorded where it ends up, so that
+    load_best_model_at_end and save_total_limit find it."""
+    data = crash_data(tmp_path)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, tiny_model_dir("qwen2_vl"), data, output_dir=str(out),
+                       dataset={"train": [{"name": "chatml_dataset", "data_files": data}],
+                                "eval": [{"name": "chatml_dataset", "data_files": data}]},
+                       **{**FAST, "eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+                          "metric_for_best_model": "eval_loss", "save_total_limit": 1})
+    train(load_config(cfg))
+    state = json.load(open(out / "checkpoint-4" / "trainer_state.json"))
+    assert state["best_model_checkpoint"] == str(out / "checkpoint-4")  # the loss fell: step 4 is the best
+    assert STAGING not in json.dumps(state)
