@@ -1,11 +1,14 @@
 import json
+import os
 
 import pytest
 
 from mixtune.config import build_config, load_config, parse_overrides
 from mixtune.errors import ConfigError, NotSupportedYet
 
-BASE = {"model_name_or_path": "some/model", "dataset": {"train": []}}
+# reading a config only checks that data files exist (this file does); they are read when training starts
+BASE = {"model_name_or_path": "some/model",
+        "dataset": {"train": [{"name": "chatml_dataset", "data_files": os.path.abspath(__file__)}]}}
 
 
 def build(**kw):
@@ -41,7 +44,8 @@ def test_unbuilt_features_are_refused_not_ignored(key, value):
 
 
 def test_seed_and_paddlenlp_names_map_to_transformers():
-    cfg = build(evaluation_strategy="epoch", recompute=True, warmup_ratio=0.03, use_flash_attention=False,
+    cfg = build(dataset={**BASE["dataset"], "eval": BASE["dataset"]["train"]},
+                evaluation_strategy="epoch", recompute=True, warmup_ratio=0.03, use_flash_attention=False,
                 fp16_opt_level="O1", benchmark=False, skip_memory_metrics=False, eval_accumulation_steps=16,
                 adam_beta2=0.95, lr_scheduler_type="cosine", unified_checkpoint=True,
                 group_by_modality_length=True)
@@ -75,6 +79,8 @@ def test_paddlemix_config_file_runs_after_changing_paths_only(tmp_path):
     }
     path = tmp_path / "sft_argument.json"
     path.write_text(json.dumps(paddle))
+    for name in ("train.json", "val.json", "chat_template.json"):
+        (tmp_path / name).write_text("[]")
     cfg = load_config(str(path))
     assert cfg.training.gradient_accumulation_steps == 16
     assert cfg.overwrite_output_dir is True
@@ -83,7 +89,9 @@ def test_paddlemix_config_file_runs_after_changing_paths_only(tmp_path):
 
 def test_yaml_and_command_line_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model_name_or_path: m\ndataset: {train: []}\nlearning_rate: 0.1\n")
+    (tmp_path / "t.jsonl").write_text("")
+    path.write_text("model_name_or_path: m\ndataset: {train: [{name: sharegpt, data_files: t.jsonl}]}\n"
+                    "learning_rate: 0.1\n")
     cfg = load_config(str(path), parse_overrides(["--learning_rate", "1e-4", "--max_length=128", "--bf16"]))
     assert cfg.training.learning_rate == pytest.approx(1e-4)
     assert cfg.mix.max_length == 128

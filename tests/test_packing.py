@@ -242,7 +242,9 @@ def test_mixtoken_trains_end_to_end(model_dirs, tmp_path):
 def test_family_without_packing_hook_is_refused_when_config_is_read(model_dirs, monkeypatch, tmp_path):
     table = registry._load()
     monkeypatch.setitem(table, "llava", dataclasses.replace(table["llava"], pack_positions=None))
-    raw = {"model_name_or_path": model_dirs("llava"), "dataset": {"train": []}, "mixtoken": True,
+    (tmp_path / "d.jsonl").write_text("")  # data files must exist when the config is read
+    raw = {"model_name_or_path": model_dirs("llava"), "mixtoken": True,
+           "dataset": {"train": [{"name": "chatml_dataset", "data_files": str(tmp_path / "d.jsonl")}]},
            "output_dir": str(tmp_path / "o")}
     with pytest.raises(ConfigError, match="mixtoken.*llava.*cannot pack"):
         build_config(raw)
@@ -251,7 +253,9 @@ def test_family_without_packing_hook_is_refused_when_config_is_read(model_dirs, 
 
 
 def test_paddlemix_length_grouping_gives_way_to_packing(model_dirs, tmp_path):
-    raw = {"model_name_or_path": model_dirs("qwen2_vl"), "dataset": {"train": []}, "mixtoken": True,
+    (tmp_path / "d.jsonl").write_text("")  # data files must exist when the config is read
+    raw = {"model_name_or_path": model_dirs("qwen2_vl"), "mixtoken": True,
+           "dataset": {"train": [{"name": "chatml_dataset", "data_files": str(tmp_path / "d.jsonl")}]},
            "group_by_modality_length": True, "output_dir": str(tmp_path / "o")}
     cfg = build_config(raw)
     assert cfg.training.train_sampling_strategy == "random"

@@ -52,7 +52,8 @@ def cmd_demo(args, extra) -> int:
     from mixtune.tools.demo import run_demo
 
     report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora, mixtoken=args.mixtoken)
-    print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "next_commands")}, indent=1))
+    print("\nUse the trained model:\n" + "\n".join(f"  {c}" for c in report["next_commands"]))
     return 0
 
 
@@ -61,6 +62,90 @@ def cmd_merge_lora(args, extra) -> int:
 
     path = merge_lora(args.lora_path, args.merge_model_path, args.model_name_or_path, args.dtype)
     print(f"merged model written to {path}")
+    return 0
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (with --lora_path: the base; default: the "
+                   "adapter's own record)")
+    p.add_argument("--lora_path", default=None, help="LoRA adapter folder, merged into the base in memory")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, "
+                   "float16")
+    p.add_argument("--chat_template", default=None, help="a Jinja or PaddleMIX chat_template.json file, as in training")
+
+
+def add_generation_args(p, temperature: float = 0.0) -> None:
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_options(args):
+    from mixtune.infer.engine import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                             seed=args.seed).check()
+
+
+def cmd_predict(args, extra) -> int:
+    from mixtune.infer.engine import Engine
+    from mixtune.infer.predict import entries_from_args, model_from_config, predict, read_prompts
+
+    entries, raw = entries_from_args(args.data_files, args.name, args.dataset, args.config, args.split)
+    model, lora = args.model, args.lora_path
+    if model is None and lora is None:
+        if not raw:
+            raise MixtuneError("--model is required (or --config, whose output_dir holds the trained model)")
+        model, lora = model_from_config(raw)
+    options = generation_options(args)
+    items = read_prompts(entries)
+    engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    summary = predict(engine, items, options, args.output_dir, args.batch_size, metrics)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_serve(args, extra) -> int:
+    import os
+
+    from mixtune.infer.engine import Engine
+
+    try:
+        from mixtune.serve.openai import ServeSettings, serve
+    except ImportError as e:
+        raise MixtuneError(f"mixtune serve needs FastAPI and uvicorn ({e}): pip install 'mixtune[serve]'") from None
+
+    engine = Engine.load(args.model, args.lora_path, args.dtype, chat_template=args.chat_template)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or args.lora_path))
+    settings = ServeSettings(api_key=args.api_key or os.environ.get("MIXTUNE_API_KEY"),
+                             allowed_local_media_path=args.allowed_local_media_path, served_model_name=name,
+                             max_images=args.max_images, max_model_len=args.max_model_len,
+                             batch_window_s=args.batch_window_ms / 1000, max_batch_size=args.max_batch_size)
+    serve(engine, settings, args.host, args.port)
+    return 0
+
+
+def cmd_chat(args, extra) -> int:
+    from mixtune.infer.chat import run_chat
+    from mixtune.infer.engine import Engine
+
+    options = generation_options(args)
+    engine = Engine.load(args.model, args.lora_path, args.dtype, chat_template=args.chat_template)
+    run_chat(engine, options, system=args.system, images=args.image)
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from mixtune.export import export
+
+    report = export(args.model, args.to, args.lora_path, args.dtype)
+    print(json.dumps(report, indent=1))
+    print(f"serve it with: vllm serve {args.to}")
     return 0
 
 
@@ -99,6 +184,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.set_defaults(func=cmd_demo, extra_ok=True)
+
+    p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")
+    add_model_args(p)
+    p.add_argument("--data_files", default=None, help="data file(s) of one dataset entry (with --name)")
+    p.add_argument("--name", default=None, help="the entry's format (default chatml_dataset)")
+    p.add_argument("--dataset", default=None, help='one dataset entry as JSON, e.g. \'{"name": "vqa", ...}\'')
+    p.add_argument("--config", default=None, help="a training config: predict on its eval split")
+    p.add_argument("--split", default="eval", choices=["eval", "train"], help="with --config")
+    p.add_argument("--output_dir", default="predictions")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or set MIXTUNE_API_KEY)")
+    p.add_argument("--served_model_name", default=None, help="the model id clients name; default: the folder name")
+    p.add_argument("--allowed_local_media_path", default=None, help="image files under this folder may be named "
+                   "by path or file:// URL; otherwise only data: URIs")
+    p.add_argument("--max_images", type=int, default=8, help="images per request")
+    p.add_argument("--max_model_len", type=int, default=None, help="prompt + max_tokens limit; default: the model's")
+    p.add_argument("--batch_window_ms", type=float, default=10, help="how long to collect requests into a batch")
+    p.add_argument("--max_batch_size", type=int, default=16)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal; replies stream as they are generated")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--image", action="append", default=None, help="an image for the first message (repeatable)")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    p = sub.add_parser("export", help="a folder serving engines load: hub key names, processor, chat template")
+    p.add_argument("--model", default=None, help="checkpoint folder (with --lora_path: the base; default: the "
+                   "adapter's own record)")
+    p.add_argument("--lora_path", default=None, help="LoRA adapter folder, merged into the export")
+    p.add_argument("--to", required=True, help="new folder for the export")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights; auto: the checkpoint's own")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixtune.errors import ConfigError, NotSupportedYet
+from mixtune.paddle_compat import ALIASES, NO_OP_KEYS, translate_keys, warmup_ratio  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -42,7 +43,11 @@ class MixtuneArgs:
     benchmark: bool = field(default=False, metadata={"help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={
         "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
-    eval_with_do_generation: bool = field(default=False, metadata={"help": "evaluate by generation (not built)"})
+    eval_with_do_generation: bool = field(default=False, metadata={
+        "help": "at each evaluation also answer the eval set by generation and log its metrics (exact match, "
+                "VQA accuracy, BLEU-4, ROUGE-L, CIDEr), usable as metric_for_best_model"})
+    generation_max_new_tokens: int = field(default=64, metadata={
+        "help": "longest generated answer in generation eval (eval_with_do_generation)"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "eager, sdpa or flash_attention_2; default: the model's own choice"})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of full weights"})
@@ -68,24 +73,15 @@ class MixtuneArgs:
         "help": "default for dataset entries: over-long samples are 'drop'ped, or 'downscale' shrinks their images"})
     data_cache_dir: str | None = field(default=None, metadata={
         "help": "where per-sample token lengths are cached; default $MIXTUNE_CACHE_DIR or ~/.cache/mixtune"})
+    vision_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the vision tower's parameters (LoRA adapters on it included); default learning_rate"})
+    projector_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the projector's parameters; default learning_rate (PaddleMIX: mm_projector_lr)"})
+    language_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the language model's parameters (head included); default learning_rate"})
+    max_sample_bytes: int = field(default=16 * 1024 * 1024, metadata={
+        "help": "default for dataset entries: a bigger JSON record or JSONL line is a bad sample, never parsed"})
 
-
-# PaddleNLP / PaddleMIX names -> (our key, value transform). A PaddleMIX config should run unchanged.
-ALIASES: dict[str, tuple[str, Any]] = {
-    "evaluation_strategy": ("eval_strategy", None),
-    # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a ratio of all steps
-    "warmup_ratio": ("warmup_steps", None),
-    "recompute": ("activation_checkpointing", None),
-    "use_flash_attention": ("attn_implementation", lambda v: "flash_attention_2" if v else None),
-    "group_by_modality_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
-}
-
-# PaddleNLP keys whose job our stack already does; accepted so PaddleMIX configs run, and logged.
-NO_OP_KEYS = {
-    "unified_checkpoint": "checkpoints are always saved in transformers' safetensors format",
-    "amp_master_grad": "mixed precision always keeps fp32 master weights",
-    "scale_loss": "fp16 loss scaling is dynamic (torch.amp.GradScaler)",
-}
 
 # TrainingArguments fields mixtune sets itself.
 MANAGED = {"remove_unused_columns": False}
@@ -116,8 +112,14 @@ def valid_keys() -> set[str]:
 def read_config_file(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; give the config file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -217,19 +219,8 @@ def suggest(key: str) -> str:
 
 
 def build_config(raw: dict, base_dir: str = ".") -> Config:
-    raw = dict(raw)
     notes: list[str] = []
-    for old, (new, transform) in ALIASES.items():
-        if old in raw:
-            value = raw.pop(old)
-            if new in raw:
-                raise ConfigError(f"given together with its alias '{old}'; keep one", key=new)
-            raw[new] = transform(value) if transform else value
-            notes.append(f"'{old}' read as '{new}' = {raw[new]!r}")
-    for key, why in NO_OP_KEYS.items():
-        if key in raw:
-            raw.pop(key)
-            notes.append(f"'{key}' has no effect: {why}")
+    raw = translate_keys(raw, notes)  # PaddleMIX / PaddleNLP names (paddle_compat.py)
     if raw.get("resume_from_checkpoint") is True:  # the seed's spelling of "the latest checkpoint"
         raw["resume_from_checkpoint"] = "true"
     elif raw.get("resume_from_checkpoint") is False:
@@ -268,8 +259,10 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
+    from mixtune.config_checks import check_values
     from transformers import TrainingArguments
 
+    check_values(mix, train_kwargs, base_dir, notes)
     try:
         training = TrainingArguments(**train_kwargs)
     except (ValueError, TypeError) as e:
@@ -287,6 +280,9 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
         raise ConfigError(f"unknown part(s) {sorted(unknown)}; expected 'train' and 'eval'", key="dataset")
     if mix.max_length < 1:
         raise ConfigError("must be positive", key="max_length")
+    for key in ("vision_lr", "projector_lr", "language_lr"):
+        if getattr(mix, key) is not None and getattr(mix, key) < 0:
+            raise ConfigError("must be >= 0", key=key)
     from mixtune.data.badsamples import POLICIES
     from mixtune.data.dataset import TRUNCATION
     from mixtune.train.freeze import PARTS
@@ -307,8 +303,10 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise NotSupportedYet(key, f"{key}={value}")
     if mix.sharding:
         raise NotSupportedYet("sharding", f"sharding '{mix.sharding}'")
-    if mix.eval_with_do_generation:
-        raise NotSupportedYet("eval_with_do_generation", "evaluation by generation during training")
+    if mix.eval_with_do_generation and not mix.dataset.get("eval"):
+        raise ConfigError("needs dataset.eval entries to answer", key="eval_with_do_generation")
+    if mix.generation_max_new_tokens < 1:
+        raise ConfigError("must be at least 1", key="generation_max_new_tokens")
     if mix.mixtoken:
         check_mixtoken(mix)
     if mix.lora:

@@ -50,6 +50,8 @@ class Conversation:
     file: str | None = None
     index: int | None = None
     line: int | None = None
+    # every human answer where a dataset has several (VQAv2's ten): what `mixtune predict` scores against
+    answers: list[str] = field(default_factory=list)
 
     def error(self, reason: str, field: str | None = None) -> DataError:
         return DataError(reason, file=self.file, index=self.index, line=self.line, field=field)

@@ -20,9 +20,10 @@ from mixtune.data.badsamples import POLICIES, TOO_LONG, BadSamples
 from mixtune.data.conversation import Conversation
 from mixtune.data.encode import Encoded, encode_with_processor
 from mixtune.data.formats import expand_data_files, get_reader
+from mixtune.data.formats.jsonstream import DEFAULT_MAX_SAMPLE_BYTES
 from mixtune.data.grounding import fill_grounding
 from mixtune.data.images import fit_image, load_image
-from mixtune.data.lengths import cache_key, default_cache_dir, file_digest, measure, processor_identity, scan
+from mixtune.data.lengths import cache_key, default_cache_dir, entry_options, measure, processor_identity, scan
 from mixtune.data.mix import MixDataset
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError, DataError
@@ -31,7 +32,9 @@ log = logging.getLogger("mixtune")
 
 TRUNCATION = ("drop", "downscale")
 ENTRY_KEYS = {"name", "data_files", "chat_template", "ratio", "repeat", "max_samples", "image_root", "prompt",
-              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields"}
+              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields", "max_sample_bytes"}
+# config-wide keys that are defaults for every entry
+ENTRY_DEFAULT_KEYS = ("on_bad_sample", "truncation", "strict_fields", "max_sample_bytes")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class DatasetEntry:
     truncation: str = "drop"  # over-long samples: "drop", or "downscale" their images until they fit
     on_bad_sample: str = "error"  # "error" stops at the first bad sample; "skip" drops and reports it
     strict_fields: bool = False  # a record key the reader does not read is an error, not a warning
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # a bigger JSON record is a bad sample, never parsed
 
     @classmethod
     def from_config(cls, raw: Any, base_dir: str, where: str, defaults: dict | None = None) -> "DatasetEntry":
@@ -78,6 +82,7 @@ class DatasetEntry:
         check("max_samples", positive_int, "a positive integer")
         check("min_pixels", positive_int, "a positive integer")
         check("max_pixels", positive_int, "a positive integer")
+        check("max_sample_bytes", positive_int, "a positive integer (bytes)")
         for key in ("image_root", "prompt", "chat_template"):
             check(key, lambda v: isinstance(v, str), "a string")
         check("columns", lambda v: isinstance(v, dict) and all(isinstance(c, str) for c in v.values()),
@@ -100,7 +105,8 @@ class DatasetEntry:
                    columns=values.get("columns"), min_pixels=values.get("min_pixels"),
                    max_pixels=values.get("max_pixels"), truncation=values.get("truncation") or "drop",
                    on_bad_sample=values.get("on_bad_sample") or "error",
-                   strict_fields=bool(values.get("strict_fields")))
+                   strict_fields=bool(values.get("strict_fields")),
+                   max_sample_bytes=values.get("max_sample_bytes") or DEFAULT_MAX_SAMPLE_BYTES)
 
     @property
     def weight(self) -> float | None:
@@ -161,8 +167,9 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, conversations: list[Conversation], encode, max_length: int, images: ImagePrep | None = None,
                  lengths: list[int] | None = None, scales: list[float] | None = None, name: str = "",
-                 skipped: list[dict] | None = None):
+                 skipped: list[dict] | None = None, render=None):
         self.conversations = conversations
+        self.render = render  # the chat template this entry is rendered with (saved with the model)
         self.encode = encode
         self.max_length = max_length
         self.images = images or ImagePrep()
@@ -217,9 +224,7 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
     encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
                      grounding=family.grounding)
     images = ImagePrep(entry.min_pixels, entry.max_pixels)
-    options = {"name": entry.name, "prompt": entry.prompt, "columns": entry.columns, "image_root": entry.image_root,
-               "min_pixels": entry.min_pixels, "max_pixels": entry.max_pixels, "truncation": entry.truncation,
-               "template": file_digest(entry.chat_template) if entry.chat_template else None, "family": family.name, "n": len(conversations),
+    options = {**entry_options(entry), "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)
     key = cache_key(files, processor_id, max_length, options)
@@ -241,7 +246,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
     too_long = sum(r["kind"] == TOO_LONG for r in bad.records)
     log.info("dataset %s (%s): %d samples kept, %d over max_length dropped, %d bad skipped, %d downscaled",
              label, entry.name, len(kept), too_long, len(bad.records) - too_long, sum(s < 1.0 for s in scales))
-    return SFTDataset(kept, encode, max_length, images, lengths, scales, name=label, skipped=bad.records)
+    return SFTDataset(kept, encode, max_length, images, lengths, scales, name=label, skipped=bad.records,
+                      render=render)
 
 
 def build_split(raw_entries: list, split: str, processor, family, max_length: int, base_dir: str, *, seed: int = 0,
@@ -250,15 +256,7 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
     truncation) that an entry may override."""
     if not raw_entries:
         return None
-    if not isinstance(raw_entries, list):
-        raise ConfigError("must be a list of dataset entries", key=f"dataset.{split}")
-    entries = [DatasetEntry.from_config(raw, base_dir, f"dataset.{split}[{i}]", defaults)
-               for i, raw in enumerate(raw_entries)]
-    if split != "train":
-        for i, entry in enumerate(entries):
-            if entry.weight is not None:
-                raise ConfigError("'ratio' and 'repeat' apply to training entries only",
-                                  key=f"dataset.{split}[{i}]")
+    entries = parse_entries(raw_entries, split, base_dir, defaults)
     processor_id = processor_identity(processor)
     cache_dir = cache_dir or default_cache_dir()
     parts = [build_entry(e, processor, family, max_length, processor_id, cache_dir, num_workers) for e in entries]
@@ -275,6 +273,20 @@ def build_split(raw_entries: list, split: str, processor, family, max_length: in
         if entry.weight is not None and count == 0 and len(part):
             log.warning("dataset %s: ratio %s of %d samples gives none per epoch", part.name, entry.weight, len(part))
     return mix
+
+
+def parse_entries(raw_entries: Any, split: str, base_dir: str, defaults: dict | None = None) -> list[DatasetEntry]:
+    """The split's entries with their keys and values checked (no file is read)."""
+    if not isinstance(raw_entries, list):
+        raise ConfigError("must be a list of dataset entries", key=f"dataset.{split}")
+    entries = [DatasetEntry.from_config(raw, base_dir, f"dataset.{split}[{i}]", defaults)
+               for i, raw in enumerate(raw_entries)]
+    if split != "train":
+        for i, entry in enumerate(entries):
+            if entry.weight is not None:
+                raise ConfigError("'ratio' and 'repeat' apply to training entries only",
+                                  key=f"dataset.{split}[{i}]")
+    return entries
 
 
 def unique_names(names: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ import io
 import os
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from mixtune.errors import DataError
@@ -59,7 +60,7 @@ def load_image(ref: str) -> Image.Image:
                 raise DataError(f"image is too large ({img.width}x{img.height} pixels, limit "
                                 f"{MAX_IMAGE_PIXELS}): {name}", field="image")
             img.load()
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)
         # grounding boxes are given in the file's own pixels; the size travels with the image through resizing
         rgb.info[SOURCE_SIZE] = img.size
         return rgb
@@ -69,6 +70,39 @@ def load_image(ref: str) -> Image.Image:
         raise DataError(f"image is absurdly large (decompression bomb): {name}: {e}", field="image") from None
     except Exception as e:  # PIL raises many types for corrupt files
         raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}", field="image") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, brightness kept. Pillow's own convert("RGB") clips 16-bit and 32-bit
+    values to 255 (a 16-bit PNG turns almost white) and drops transparency to whatever colour lies under it;
+    here high-bit-depth images are scaled to 0-255 and transparency is composited onto white, as
+    transformers' `convert_to_rgb` does. CMYK, palette, 1-bit, YCbCr, LA go through Pillow."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=img.mode.startswith("I;16")
+                                         or (img.mode == "I" and img.format == "PNG"))).convert("RGB")
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """Grey levels of any range to 0-255: 16-bit by its full scale, floats in [0, 1] by 255, values already
+    in 0-255 as they are, anything else stretched from its own minimum to its maximum."""
+    values = values.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if sixteen_bit or (low >= 0 and 255 < high <= 65535 and np.all(values == np.round(values))):
+        scaled = values / 257.0
+    elif low >= 0 and high <= 1.0 and not np.all(values == np.round(values)):
+        scaled = values * 255.0
+    elif low >= 0 and high <= 255:
+        scaled = values
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def fit_image(img: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None,

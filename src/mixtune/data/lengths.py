@@ -10,8 +10,10 @@ themselves are not hashed (that would read every image): after editing images in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +21,17 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtune.data.conversation import Conversation
-from mixtune.errors import DataError
+from mixtune.errors import ConfigError, DataError
+
+log = logging.getLogger("mixtune")
 
 CACHE_VERSION = 1
+# DatasetEntry fields that provably leave every sample's length unchanged, so they stay out of the cache key:
+# ratio / repeat act on the measured samples (mixing); on_bad_sample only decides whether a bad sample found
+# by the same scan raises or is recorded; base_dir only resolves paths that the key holds resolved already
+# (the data files' absolute paths and digests, image_root, chat_template). Every other field is in the key,
+# so an option added to DatasetEntry later is keyed without anyone remembering to.
+NOT_LENGTH_FIELDS = frozenset({"ratio", "repeat", "on_bad_sample", "base_dir"})
 DOWNSCALE_STEP = 0.75  # linear factor per try: about half the pixels every two tries
 MIN_IMAGE_SIDE = 28  # below this no vision encoder gets a useful patch
 
@@ -61,6 +71,15 @@ def processor_identity(processor) -> str:
     return h.hexdigest()
 
 
+def entry_options(entry) -> dict:
+    """The entry's options that can change a sample's token length, for the cache key (a chat template file
+    counts by its content, so editing it in place invalidates the cache)."""
+    options = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name not in NOT_LENGTH_FIELDS}
+    if options.get("chat_template"):
+        options["chat_template"] = [options["chat_template"], file_digest(options["chat_template"])]
+    return options
+
+
 def cache_key(files: list[str], processor_id: str, max_length: int, options: dict) -> str:
     payload = {"version": CACHE_VERSION, "files": [[os.path.abspath(f), file_digest(f)] for f in files],
                "processor": processor_id, "max_length": max_length, "options": options}
@@ -94,6 +113,8 @@ def measure(conv: Conversation, decode: Callable, fit: Callable, encode: Callabl
     except DataError as e:
         return {"error": {"reason": e.reason, "field": e.field, "file": conv.file, "index": conv.index,
                           "line": conv.line}}
+    except ConfigError:  # the config is wrong (an unsafe chat template), not this sample
+        raise
     except Exception as e:  # a processor rejecting this sample's content (e.g. a 1-pixel image)
         return {"error": {"reason": f"cannot encode: {type(e).__name__}: {e}", "field": None, "file": conv.file,
                           "index": conv.index, "line": conv.line}}
@@ -120,15 +141,11 @@ def scan(conversations: list[Conversation], measure_one: Callable, key: str, cac
 
     With `stop_on_error`, the first bad sample raises its DataError (and nothing is cached)."""
     path = os.path.join(cache_dir, f"{key}.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            cached = json.load(f)
-        result = ScanResult(cached["lengths"], {int(k): v for k, v in cached["scales"].items()},
-                            {int(k): v for k, v in cached["errors"].items()})
-        if len(result.lengths) == len(conversations):
-            if stop_on_error and result.errors:
-                raise DataError(**result.errors[min(result.errors)])
-            return result
+    result = read_cache(path, len(conversations))
+    if result is not None:
+        if stop_on_error and result.errors:
+            raise DataError(**result.errors[min(result.errors)])
+        return result
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(_Measured(conversations, measure_one), batch_size=None,
@@ -144,9 +161,43 @@ def scan(conversations: list[Conversation], measure_one: Callable, key: str, cac
         result.lengths.append(out["length"])
         if out["scale"] < 1.0:
             result.scales[i] = out["scale"]
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"lengths": result.lengths, "scales": result.scales, "errors": result.errors}, f)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    write_cache(path, result)
     return result
+
+
+ERROR_FIELDS = {"reason", "field", "file", "index", "line"}
+
+
+def read_cache(path: str, n: int) -> ScanResult | None:
+    """The cached scan, or None when there is none, it is for another sample count, or it is damaged (a
+    truncated or hand-edited file is measured again, with a warning, rather than trusted or fatal)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        lengths = cached["lengths"]
+        result = ScanResult(lengths, {int(k): float(v) for k, v in cached["scales"].items()},
+                            {int(k): dict(v) for k, v in cached["errors"].items()})
+        if not (isinstance(lengths, list) and all(type(x) is int for x in lengths)
+                and all(0 <= i < len(lengths) and 0 < s <= 1 for i, s in result.scales.items())
+                and all(0 <= i < len(lengths) and set(e) == ERROR_FIELDS for i, e in result.errors.items())):
+            raise ValueError("unexpected contents")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("length cache %s is damaged (%s: %s); measuring again", path, type(e).__name__, e)
+        return None
+    return result if len(lengths) == n else None
+
+
+def write_cache(path: str, result: ScanResult) -> None:
+    """Keep the scan for next time; a cache that cannot be written (read-only or full disk) costs only time."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"lengths": result.lengths, "scales": result.scales, "errors": result.errors}, f)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError as e:
+        log.warning("could not write the length cache %s (%s); the next run measures again", path, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)

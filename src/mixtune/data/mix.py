@@ -63,9 +63,6 @@ class MixDataset(torch.utils.data.Dataset):
             self._lengths = out.tolist()
         return self._lengths
 
-    def part_of(self, i: int) -> str:
-        return self.names[self.which[i]]
-
     @property
     def skipped(self) -> list[dict]:
         return [r for p in self.parts for r in p.skipped]

@@ -12,13 +12,9 @@ import time
 import torch
 
 from mixtune.config import build_config
-from mixtune.data.dataset import DatasetEntry, read_entry
-from mixtune.data.encode import generation_inputs
-from mixtune.data.images import load_image
-from mixtune.data.templates import make_renderer
+from mixtune.data.dataset import DatasetEntry
 from mixtune.models.registry import get_family
 from mixtune.tools.demo_data import COLOURS, COUNTS, SHAPES, SIDES, make_demo_data
-from mixtune.models.loading import load_model_and_processor
 from mixtune.train.run import train
 
 log = logging.getLogger("mixtune")
@@ -59,26 +55,28 @@ DEMO_LORA = {
 DEMO_MIXTOKEN = {"mixtoken": True, "per_device_train_batch_size": 1, "num_train_epochs": 8}
 
 
-@torch.no_grad()
-def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8) -> tuple[float, list[dict]]:
-    family, model, processor = load_model_and_processor(model_dir)
-    model.eval()
-    render = (make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
-              if family.uses_chat_template else None)
-    prompt_inputs = family.generation_inputs or generation_inputs
-    convs = read_entry(DatasetEntry(name="chatml_dataset", data_files=data_file))
-    tokenizer = processor.tokenizer
-    rows, correct = [], 0
-    for conv in convs:
-        images = [load_image(r) for r in conv.images]
-        inputs = prompt_inputs(conv, images, processor, render)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        expected = conv.turns[-1].text.strip()
-        correct += answer == expected
-        rows.append({"question": conv.turns[-2].text, "expected": expected, "answer": answer})
-    return correct / max(len(convs), 1), rows
+def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8,
+                    output_dir: str | None = None) -> tuple[float, list[dict]]:
+    """Held-out exact-match accuracy through `mixtune predict`'s own path (same prompts, batched generation)."""
+    from mixtune.infer.engine import Engine, GenerationOptions
+    from mixtune.infer.predict import predict, read_prompts
+
+    items = read_prompts([DatasetEntry(name="chatml_dataset", data_files=data_file)])
+    output_dir = output_dir or os.path.join(model_dir, "predictions")
+    summary = predict(Engine.load(model_dir), items, GenerationOptions(max_new_tokens=max_new_tokens), output_dir,
+                      batch_size=16, metrics=("exact_match",), progress=False)
+    with open(summary["predictions"]) as f:
+        rows = [json.loads(line) for line in f]
+    examples = [{"question": item.conv.turns[-1].text, "expected": r["reference"], "answer": r["prediction"]}
+                for item, r in zip(items, rows)]
+    return summary["metrics"].get("exact_match", 0.0), examples
+
+
+def next_commands(model_dir: str, val_file: str) -> list[str]:
+    """What to do with the trained model, printed at the end of the demo."""
+    return [f"mixtune predict --model {model_dir} --data_files {val_file} --output_dir {model_dir}/predictions",
+            f"mixtune chat --model {model_dir}",
+            f"mixtune serve --model {model_dir} --port 8000"]
 
 
 def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overrides: dict | None = None,
@@ -95,7 +93,7 @@ def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overr
     family.build_tiny(model_dir)
     log.info("drawing demo data in %s: %s", data_dir, make_demo_data(data_dir))
     val_file = os.path.join(data_dir, "val.json")
-    accuracy_before, _ = answer_accuracy(model_dir, val_file)
+    accuracy_before, _ = answer_accuracy(model_dir, val_file, output_dir=os.path.join(output_dir, "predictions_before"))
     log.info("accuracy before training: %.3f", accuracy_before)
     raw = {
         "model_name_or_path": model_dir,
@@ -117,7 +115,7 @@ def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overr
         answer_dir = os.path.join(output_dir, "merged")
         shutil.rmtree(answer_dir, ignore_errors=True)  # the demo's own folder, rewritten on every run
         merge_lora(train_dir, answer_dir, model_dir)
-    accuracy_after, rows = answer_accuracy(answer_dir, val_file)
+    accuracy_after, rows = answer_accuracy(answer_dir, val_file, output_dir=os.path.join(output_dir, "predictions"))
     log.info("accuracy after training: %.3f", accuracy_after)
     with open(os.path.join(train_dir, "metrics.json")) as f:
         train_losses = [loss for _, loss in json.load(f)["train_loss"]]
@@ -135,6 +133,7 @@ def run_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo", overr
         "lora": config.mix.lora,
         "mixtoken": config.mix.mixtoken,
         "model_dir": answer_dir,
+        "next_commands": next_commands(answer_dir, val_file),
         "examples": rows[:8],
     }
     with open(os.path.join(output_dir, "demo_report.json"), "w") as f:

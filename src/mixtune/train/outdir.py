@@ -27,6 +27,7 @@ FINAL_FILE_RE = re.compile(
     r"|(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template|processor_config|preprocessor_config"
     r"|video_preprocessor_config)[\w.-]*)$")
 RUN_REPORTS = ("skipped_samples.jsonl",)  # written at a run's start, so not part of its final save
+RUN_FOLDERS = ("generation_eval",)  # predictions of eval_with_do_generation, written during training
 
 
 def final_files(output_dir: str) -> list[str]:
@@ -38,12 +39,13 @@ def final_files(output_dir: str) -> list[str]:
 
 
 def start_fresh(output_dir: str) -> None:
-    """overwrite_output_dir: delete what a previous run left (checkpoints, final model, metrics, reports), so
-    that nothing of it can be resumed or mistaken for this run's result. Other files stay, and are named."""
+    """overwrite_output_dir: delete what a previous run left (checkpoints, final model, metrics, reports,
+    generation-eval predictions), so that nothing of it can be resumed or mistaken for this run's result.
+    Other files stay, and are named."""
     if not os.path.isdir(output_dir):
         return
     names = set(os.listdir(output_dir))
-    old = sorted(n for n in names if checkpoint_step(n) is not None or n == STAGING)
+    old = sorted(n for n in names if checkpoint_step(n) is not None or n in (STAGING, *RUN_FOLDERS))
     old += final_files(output_dir) + [n for n in (MARKER, *RUN_REPORTS) if n in names]
     if os.path.exists(os.path.join(output_dir, MARKER)):
         clear(os.path.join(output_dir, MARKER))  # first, so a kill below never leaves a folder marked complete

@@ -1,4 +1,5 @@
-"""What a run leaves beside the model: metrics.json and a loss-curve PNG."""
+"""What a run leaves beside the model: metrics.json and a loss-curve PNG (with a panel for generation-eval
+metrics when `eval_with_do_generation` logged any)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,21 @@ def write_metrics(output_dir: str, log_history: list[dict], final: dict) -> str:
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     with open(path, "w") as f:
-        json.dump({"final": final, "train_loss": train, "eval_loss": evals, "log_history": log_history}, f,
-                  indent=1)
+        json.dump({"final": final, "train_loss": train, "eval_loss": evals,
+                   "generation_eval": generation_metrics(log_history), "log_history": log_history}, f, indent=1)
     return path
+
+
+def generation_metrics(log_history: list[dict]) -> dict[str, list]:
+    """{"eval_exact_match": [(step, value), ...], ...}: the scores generation eval logged."""
+    from mixtune.infer.metrics import METRICS
+
+    out: dict[str, list] = {}
+    for h in log_history:
+        for key, value in h.items():
+            if key.startswith("eval") and key.endswith(METRICS):
+                out.setdefault(key, []).append((h["step"], value))
+    return out
 
 
 def plot_loss(output_dir: str, log_history: list[dict]) -> str | None:
@@ -26,7 +39,17 @@ def plot_loss(output_dir: str, log_history: list[dict]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scores = generation_metrics(log_history)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    if scores:
+        panel = axes[0][1]
+        for key, points in scores.items():
+            panel.plot(*zip(*points), "o-", label=key)
+        panel.set_xlabel("optimizer step")
+        panel.set_ylabel("generation eval")
+        panel.legend()
+        panel.grid(alpha=0.3)
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:

@@ -12,15 +12,23 @@ from mixtune.config import Config
 from mixtune.data.collate import PadCollator
 from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
-from mixtune.data.dataset import build_split
+from mixtune.data.dataset import ENTRY_DEFAULT_KEYS, build_split
 from mixtune.data.mix import epoch_callback
 from mixtune.data.pack import pack_for_training
+from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
+from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
+<<<<<<< HEAD
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.outdir import mark_final_complete, start_fresh
+=======
+from mixtune.paddle_compat import with_paddle_name_hint
+from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
+from mixtune.train.optim import PartRates
+>>>>>>> main
 from mixtune.train.report import plot_loss, write_metrics
 from mixtune.train.seed import seed_everything
 
@@ -74,8 +82,18 @@ def resolve_resume(config: Config) -> str | None:
     return resume or None
 
 
+<<<<<<< HEAD
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0  # torchrun's global rank; the Trainer does not exist yet
+=======
+def save_training_template(processor, parts) -> None:
+    """The chat template training rendered with is the one saved with the model (a dataset entry's
+    `chat_template` replaces the checkpoint's)."""
+    template = training_chat_template(parts)
+    if template is not None and template != getattr(processor, "chat_template", None):
+        save_with_model(processor, template)
+        log.info("the model is saved with the chat template training used")
+>>>>>>> main
 
 
 def build_trainer(config: Config):
@@ -86,31 +104,31 @@ def build_trainer(config: Config):
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     for note in config.notes:
         log.info("config: %s", note)
-    if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
-        from mixtune.train.lora import apply_lora
+    try:
+        if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+            from mixtune.train.lora import apply_lora
 
-        model = apply_lora(model, family, mix)
-    else:
-        parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
-        apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
+            model = apply_lora(model, family, mix)
+        else:
+            parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
+            apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
+    except ConfigError as e:  # a pattern written for PaddleMIX's module names: add the translation
+        raise with_paddle_name_hint(e, model, family, mix) from None
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
     log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
     seed = args.data_seed if args.data_seed is not None else args.seed
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
-                     defaults={"on_bad_sample": mix.on_bad_sample, "truncation": mix.truncation,
-                               "strict_fields": mix.strict_fields})
+                     defaults={k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
     train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
                             **data_opts)
     eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
                            **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
+    save_training_template(processor, train_set.parts + (eval_set.parts if eval_set is not None else []))
     log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
     skipped = train_set.skipped + (eval_set.skipped if eval_set is not None else [])
-    if args.eval_strategy != "no" and eval_set is None:
-        raise ConfigError(f"eval_strategy is '{args.eval_strategy.value}' but dataset.eval is empty",
-                          key="eval_strategy")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collator = PadCollator(pad_id, family.collate_media)
@@ -123,8 +141,9 @@ def build_trainer(config: Config):
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
                          data_collator=collator, processing_class=processor,
-                         callbacks=[epoch_callback(train_set)])
+                         callbacks=[epoch_callback(train_set), *generation_eval_callbacks(config, family, processor)])
     trainer.skipped_samples = skipped
+    trainer.part_rates = PartRates.from_config(mix, family)
     return trainer
 
 

@@ -1,4 +1,4 @@
-"""mixtune's Trainer: transformers' own, with five changes.
+"""mixtune's Trainer: transformers' own, with six changes.
 
 1. Resume repair. transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
 hub key names (`visual.*`, `model.layers.*`) while the live model uses `model.visual.*`,
@@ -7,9 +7,10 @@ silently keeps the *untrained* weights. Loading through `from_pretrained` applie
 we then copy the weights in strictly, so any mismatch is an error instead of lost training.
 2. With several eval entries, the overall `eval_loss` beside each entry's.
 3. `group_by_length` from the lengths our datasets measured before training.
-4. A finished run resumed (its final save was killed) trains nothing: transformers would run one step past
+4. Per-part learning rates (train/optim.py) when `part_rates` is set.
+5. A finished run resumed (its final save was killed) trains nothing: transformers would run one step past
 `max_steps` (with a zero learning rate) before checking it, and save checkpoint-(N+1).
-5. Crash-safe checkpoints: the stock save runs into a staging folder (through `_get_output_dir`), which is then
+6. Crash-safe checkpoints: the stock save runs into a staging folder (through `_get_output_dir`), which is then
 fsynced, marked complete and renamed into place (train/checkpoints.py); rotation counts complete checkpoints
 only and keeps the one just saved; a save that cannot be written (full disk, folder not writable) is one
 OutputDirError naming the path, what was being written and the last complete checkpoint.
@@ -35,6 +36,14 @@ log = logging.getLogger("mixtune")
 
 class MixTrainer(Trainer):
     _staging = False  # True while the stock _save_checkpoint runs: its run_dir is then the staging folder
+    part_rates = None  # train.optim.PartRates: vision_lr / projector_lr / language_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.part_rates is not None:
+            from mixtune.train.optim import create_part_optimizer
+
+            self.optimizer = create_part_optimizer(self, self.model if model is None else model, self.part_rates)
+        return super().create_optimizer(model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model

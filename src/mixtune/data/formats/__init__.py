@@ -8,19 +8,21 @@ bad record (counted) and `error` stops at it, naming file, line or index, and fi
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mixtune.data.formats.jsonstream import DEFAULT_MAX_SAMPLE_BYTES, iter_records, load_document
 from mixtune.data.formats.records import note_unknown_keys, refuse_unsupported_media
 from mixtune.errors import ConfigError, DataError
 
 READERS: dict[str, Callable] = {}
 
 
-def register(*names: str):
+def register(*names: str, folders: bool = False):
+    """`folders`: the reader takes a folder in data_files (e.g. a `datasets` save_to_disk folder)."""
     def wrap(fn):
+        fn.reads_folders = folders
         for name in names:
             READERS[name] = fn
         return fn
@@ -46,9 +48,14 @@ def expand_data_files(data_files: Any, base_dir: str = ".") -> list[str]:
         if not isinstance(pattern, str):
             raise ConfigError(f"data_files entries must be strings, got {pattern!r}", key="dataset.data_files")
         path = pattern if os.path.isabs(pattern) else os.path.join(base_dir, pattern)
-        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        if not matches or not all(os.path.exists(m) for m in matches):
-            raise DataError(f"data file not found: {path}", file=path)
+        if glob.has_magic(path):
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise DataError(f"data file not found: no file matches the glob {path}", file=path)
+        else:
+            matches = [path]
+            if not os.path.exists(path):
+                raise DataError(f"data file not found: {path}", file=path)
         files.extend(matches)
     return files
 
@@ -65,7 +72,7 @@ def read_json_samples(entry, bad, to_conversation: Callable, known_keys) -> list
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         base = image_base(entry, path)
-        for index, line, record in iter_json_records(path, bad):
+        for index, line, record in iter_json_records(path, bad, entry.max_sample_bytes):
             where = dict(file=path, index=index, line=line)
             note_unknown_keys(record, known_keys, where, bad)
             with bad.catch():
@@ -76,45 +83,19 @@ def read_json_samples(entry, bad, to_conversation: Callable, known_keys) -> list
 
 def load_json_file(path: str) -> Any:
     """A whole JSON document; a syntax error names the line (not skippable: the file has no samples)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=e.lineno) from None
+    return load_document(path)
 
 
-def iter_json_records(path: str, bad=None) -> Iterator[tuple[int, int | None, Any]]:
-    """Yield (index, line, record) from a JSON list file or a JSONL file, with errors naming the line.
+def iter_json_records(path: str, bad=None,
+                      max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield (index, line, record) from a JSON list file or a JSONL file, one record in memory at a time.
 
-    A malformed JSONL line goes to `bad` (skipped under `on_bad_sample: skip`); without `bad` it raises."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if path.endswith(".jsonl") or (stripped and stripped[0] == "{" and "\n{" in stripped):
-        index = 0
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                error = DataError(f"malformed JSON line: {e.msg} (column {e.colno})", file=path, line=line_no,
-                                  index=index)
-                if bad is None:
-                    raise error from None
-                bad.add(error)
-            else:
-                yield index, line_no, record
-            index += 1
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=e.lineno) from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON list of samples, got {type(data).__name__}", file=path)
-    for index, record in enumerate(data):
-        yield index, None, record
+    A bad record (malformed JSONL line, over `max_bytes`, not UTF-8, a key given twice) goes to `bad`
+    (skipped under `on_bad_sample: skip`); without `bad` it raises. A malformed JSON list always raises."""
+    for index, line, record in iter_records(path, max_bytes):
+        if isinstance(record, DataError):
+            if bad is None:
+                raise record
+            bad.add(record)
+        else:
+            yield index, line, record

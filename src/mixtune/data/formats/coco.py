@@ -39,13 +39,13 @@ def read_coco_caption(entry, bad) -> list[Conversation]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         base = image_base(entry, path)
-        for image, caption, where in caption_records(path, bad):
+        for image, caption, where in caption_records(path, bad, entry.max_sample_bytes):
             with bad.catch():
                 out.append(caption_conversation(image, caption, prompt, base, where))
     return out
 
 
-def caption_records(path: str, bad):
+def caption_records(path: str, bad, max_bytes: int):
     """(image, caption, where) for each caption, whatever the file's shape."""
     if path.endswith(".jsonl"):
         data = None
@@ -77,7 +77,7 @@ def caption_records(path: str, bad):
                 yield image or None, caption, dict(file=path, index=index, line=None)
                 index += 1
         return
-    for index, line, record in iter_json_records(path, bad):
+    for index, line, record in iter_json_records(path, bad, max_bytes):
         where = dict(file=path, index=index, line=line)
         if not isinstance(record, dict):
             bad.add(DataError(f"sample must be a JSON object, got {type(record).__name__}", **where))
@@ -120,7 +120,7 @@ def read_vqa(entry, bad) -> list[Conversation]:
                     answers[ann["question_id"]] = ann
         else:
             base = image_base(entry, path)
-            for index, line, record in iter_json_records(path, bad):
+            for index, line, record in iter_json_records(path, bad, entry.max_sample_bytes):
                 where = dict(file=path, index=index, line=line)
                 note_unknown_keys(record, VQA_KEYS, where, bad)
                 with bad.catch():
@@ -142,7 +142,8 @@ def read_vqa(entry, bad) -> list[Conversation]:
                                     "files of data_files", field="answer", **where)
                 image = q.get("image") or vqav2_image(q, subtype, where)
                 answer = ann.get("multiple_choice_answer") or ann.get("answers")
-                out.append(vqa_conversation(image, q.get("question"), answer, prompt, base, where))
+                out.append(vqa_conversation(image, q.get("question"), answer, prompt, base, where,
+                                            human_answers=ann.get("answers")))
     return out
 
 
@@ -164,7 +165,8 @@ def most_common_answer(answer: Any) -> str | None:
     return answer.strip() if isinstance(answer, str) and answer.strip() else None
 
 
-def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: str, where: dict) -> Conversation:
+def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: str, where: dict,
+                     human_answers: Any = None) -> Conversation:
     if not isinstance(question, str) or not question.strip():
         raise DataError("missing field: 'question' must be a non-empty string", field="question", **where)
     target = most_common_answer(answer)
@@ -177,5 +179,11 @@ def vqa_conversation(image: Any, question: Any, answer: Any, prompt: str, base: 
         raise DataError("must be a path or a list of paths", field="image", **where)
     if images and IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER * len(images) + text
+    answers = all_answers(answer if human_answers is None else human_answers)
     return Conversation(turns=[Turn("user", text), Turn("assistant", target)],
-                        images=[image_ref(i, base, where) for i in images], **where)
+                        images=[image_ref(i, base, where) for i in images], answers=answers, **where)
+
+
+def all_answers(answer: Any) -> list[str]:
+    texts = [a.get("answer") if isinstance(a, dict) else a for a in answer] if isinstance(answer, list) else []
+    return [t.strip() for t in texts if isinstance(t, str) and t.strip()]

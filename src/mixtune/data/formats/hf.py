@@ -31,7 +31,7 @@ FIELDS = ("messages", "conversations", "images", "image", "question", "answer", 
 HF_SCHEME = "hfrow:"
 
 
-@register("hf")
+@register("hf", folders=True)
 def read_hf(entry, bad) -> list[Conversation]:
     mapping = dict(entry.columns or {})
     unknown = set(mapping) - set(FIELDS)
