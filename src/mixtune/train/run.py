@@ -19,16 +19,12 @@ from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
 from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
-<<<<<<< HEAD
+from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
-from mixtune.train.outdir import mark_final_complete, start_fresh
-=======
-from mixtune.paddle_compat import with_paddle_name_hint
-from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.optim import PartRates
->>>>>>> main
+from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
 from mixtune.train.seed import seed_everything
 
@@ -82,10 +78,10 @@ def resolve_resume(config: Config) -> str | None:
     return resume or None
 
 
-<<<<<<< HEAD
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0  # torchrun's global rank; the Trainer does not exist yet
-=======
+
+
 def save_training_template(processor, parts) -> None:
     """The chat template training rendered with is the one saved with the model (a dataset entry's
     `chat_template` replaces the checkpoint's)."""
@@ -93,7 +89,6 @@ def save_training_template(processor, parts) -> None:
     if template is not None and template != getattr(processor, "chat_template", None):
         save_with_model(processor, template)
         log.info("the model is saved with the chat template training used")
->>>>>>> main
 
 
 def build_trainer(config: Config):
