@@ -40,7 +40,8 @@ def conversation(reply="red", second=("And the shape?", "a round circle")):
 
 
 def encoder(fam, processor):
-    render = make_renderer(processor, None, fam.image_placeholder, fam.default_chat_template) if fam.uses_chat_template else None
+    render = (make_renderer(processor, None, fam.image_placeholder, fam.default_chat_template)
+              if fam.uses_chat_template else None)
     encode = fam.encode or encode_with_processor
     make_inputs = fam.generation_inputs or generation_inputs
     return (lambda conv, images: encode(conv, images, processor, render),

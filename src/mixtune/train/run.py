@@ -19,6 +19,7 @@ from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
 from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
@@ -78,10 +79,6 @@ def resolve_resume(config: Config) -> str | None:
     return resume or None
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # torchrun's global rank; the Trainer does not exist yet
-
-
 def save_training_template(processor, parts) -> None:
     """The chat template training rendered with is the one saved with the model (a dataset entry's
     `chat_template` replaces the checkpoint's)."""
@@ -96,13 +93,18 @@ def build_trainer(config: Config):
 
     mix, args = config.mix, config.training
     seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
-    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
+    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
+                                                        tp_size=mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
     try:
         if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+            from transformers import set_seed
+
             from mixtune.train.lora import apply_lora
 
+            set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
             model = apply_lora(model, family, mix)
         else:
             parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
@@ -115,10 +117,11 @@ def build_trainer(config: Config):
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
                      defaults={k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
-    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
-                            **data_opts)
-    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
-                           **data_opts)
+    with main_process_first():  # the main process scans and caches lengths; the others read its cache
+        train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length,
+                                config.base_dir, **data_opts)
+        eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
+                               **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
     save_training_template(processor, train_set.parts + (eval_set.parts if eval_set is not None else []))
@@ -158,7 +161,7 @@ def train_in_output_dir(config: Config, main: bool) -> dict:
     if not main:
         resume = resolve_resume(config)
     out = config.training.output_dir
-    skipped_path = write_report(trainer.skipped_samples, out)
+    skipped_path = write_report(trainer.skipped_samples, out) if is_main_process() else None
     result = trainer.train(resume_from_checkpoint=resume)
     saved = trainer.save_final(out)  # model + processor (tokenizer, chat template) in plain transformers form
     final = dict(result.metrics)
@@ -168,11 +171,12 @@ def train_in_output_dir(config: Config, main: bool) -> dict:
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     history = trainer.state.log_history
+    if not is_main_process():  # the main process writes metrics and the report for every rank
+        return final
     with trainer.writing("metrics.json and loss_curve.png", out):
         write_metrics(out, history, final)
         plot_loss(out, history)
-        if trainer.args.should_save:  # last: the final model, metrics and curve are all in place
-            mark_final_complete(out, saved + ["metrics.json", "loss_curve.png"])
+        mark_final_complete(out, saved + ["metrics.json", "loss_curve.png"])  # last: all of it is in place
     if trainer.skipped_samples:
         log.warning("%s\nthe full list: %s", skip_summary(trainer.skipped_samples), skipped_path)
     log.info("saved model, processor and metrics to %s", out)
