@@ -41,3 +41,7 @@ class DataError(MixtuneError):
         if self.field:
             parts.append(f"field '{self.field}'")
         return ", ".join(parts)
+
+
+class OutputDirError(MixtuneError):
+    """output_dir cannot be used: another run holds it, it is not writable, or a save into it failed."""

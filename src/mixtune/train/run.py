@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -12,34 +13,62 @@ from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.tasks.chat import save_training_template  # noqa: F401 (re-exported)
+from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
+from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.optim import PartRates
+from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
+from mixtune.train.seed import seed_everything
 
 log = logging.getLogger("mixtune")
 
 
 def check_output_dir(config: Config) -> None:
     out = config.training.output_dir
-    resuming = bool(config.training.resume_from_checkpoint)
-    if os.path.isdir(out) and os.listdir(out) and not config.overwrite_output_dir and not resuming:
+    resume = config.training.resume_from_checkpoint
+    if config.overwrite_output_dir and resume and (resume in ("true", "True", True) or os.path.abspath(
+            resume).startswith(os.path.abspath(out) + os.sep)):
+        raise ConfigError("overwrite_output_dir: true starts a fresh run and deletes the checkpoints in "
+                          f"{out}; resume_from_checkpoint continues one of them: set only one", key="output_dir")
+    ours = {LOCK_NAME, STAGING}  # this run's lock; unfinished saves, cleaned at the start
+    used = os.path.isdir(out) and set(os.listdir(out)) - ours
+    if used and not config.overwrite_output_dir and not resume:
         raise ConfigError(f"output folder {out} is not empty; set overwrite_output_dir: true to write into it, "
                           "or resume_from_checkpoint to continue a run", key="output_dir")
 
 
-def resolve_resume(config: Config) -> str | bool | None:
-    resume = config.training.resume_from_checkpoint
-    if resume in ("true", "True", True):
-        from transformers.trainer_utils import get_last_checkpoint
+def prepare_output_dir(config: Config) -> None:
+    """Main process, lock held: a fresh start for overwrite_output_dir; checkpoints a kill left staged."""
+    out = config.training.output_dir
+    if config.overwrite_output_dir:
+        start_fresh(out)
+    recover_staged(out)
 
-        last = get_last_checkpoint(config.training.output_dir) if os.path.isdir(config.training.output_dir) else None
+
+def resolve_resume(config: Config) -> str | None:
+    """The checkpoint to resume from: the newest *complete* one for `true` (naming those skipped and why), or
+    the given folder if complete; never a half-written one."""
+    resume, out = config.training.resume_from_checkpoint, config.training.output_dir
+    if resume in ("true", "True", True):
+        last, skipped = newest_complete_checkpoint(out)
+        for path, reason in skipped:
+            log.warning("not resuming from %s: %s", path, reason)
         if last is None:
-            raise ConfigError(f"no checkpoint-* folder in {config.training.output_dir} to resume from",
-                              key="resume_from_checkpoint")
+            why = f" (skipped as incomplete: {', '.join(os.path.basename(p) for p, _ in skipped)})" if skipped else ""
+            raise ConfigError(f"no complete checkpoint-* folder in {out} to resume from{why}; start a new run "
+                              "without resume_from_checkpoint", key="resume_from_checkpoint")
+        log.info("resuming from %s, the newest complete checkpoint", last)
         return last
     if resume and not os.path.isdir(resume):
         raise ConfigError(f"checkpoint folder not found: {resume}", key="resume_from_checkpoint")
+    if resume:
+        reason = incomplete_reason(resume)
+        if reason is not None:
+            raise ConfigError(f"checkpoint {resume} is incomplete ({reason}); resume from a complete one, e.g. "
+                              "resume_from_checkpoint: true picks the newest", key="resume_from_checkpoint")
+        log.info("resuming from %s", resume)
     return resume or None
 
 
@@ -52,6 +81,7 @@ def build_trainer(config: Config):
     mix, args = config.mix, config.training
     family = family_for_checkpoint(mix.model_name_or_path)
     task = get_task(task_name(mix, family))
+    seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     model, processor = task.load(mix, family)
     for note in config.notes:
@@ -86,14 +116,24 @@ def build_trainer(config: Config):
 
 
 def train(config: Config) -> dict:
-    check_output_dir(config)
-    resume = resolve_resume(config)
+    main = is_main_process()
+    with OutputLock(config.training.output_dir) if main else contextlib.nullcontext():  # released on errors too
+        check_output_dir(config)  # after the lock: a folder in use is refused as such, not as "not empty"
+        if main:
+            prepare_output_dir(config)
+        return train_in_output_dir(config, main)
+
+
+def train_in_output_dir(config: Config, main: bool) -> dict:
+    resume = resolve_resume(config) if main else None
     trainer = build_trainer(config)
+    trainer.accelerator.wait_for_everyone()  # the main process has put staged checkpoints in place
+    if not main:
+        resume = resolve_resume(config)
     out = config.training.output_dir
     skipped_path = write_report(trainer.skipped_samples, out) if is_main_process() else None
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
-    trainer.save_state()
+    saved = trainer.save_final(out)  # model + processor (tokenizer, chat template) in plain transformers form
     final = dict(result.metrics)
     if config.mix.benchmark:
         log.info("benchmark: %.2f samples/s, %.2f steps/s, %.1f s", final.get("train_samples_per_second", 0),
@@ -103,8 +143,10 @@ def train(config: Config) -> dict:
     history = trainer.state.log_history
     if not is_main_process():  # the main process writes metrics and the report for every rank
         return final
-    write_metrics(out, history, final)
-    plot_loss(out, history)
+    with trainer.writing("metrics.json and loss_curve.png", out):
+        write_metrics(out, history, final)
+        plot_loss(out, history)
+        mark_final_complete(out, saved + ["metrics.json", "loss_curve.png"])  # last: all of it is in place
     if trainer.skipped_samples:
         log.warning("%s\nthe full list: %s", skip_summary(trainer.skipped_samples), skipped_path)
     log.info("saved model, processor and metrics to %s", out)
