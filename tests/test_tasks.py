@@ -345,3 +345,26 @@ def test_resume_matches_the_uninterrupted_run(family, tiny_model_dir, shapes, tm
     for step in (4, 5, 6):
         assert losses_resumed[step] == pytest.approx(losses_full[step], rel=1e-4), step
     assert set(losses_resumed) == {1, 2, 3, 4, 5, 6}  # steps 1-3 come from the checkpoint's state
+
+
+@pytest.mark.slow
+def test_eva_clip_trains_and_reloads_in_open_clip(shapes, tmp_path):
+    """EVA-CLIP proper: open_clip's timm EVA02 image tower (224 pixels, 12 blocks) with a tiny text tower."""
+    import open_clip
+
+    from mixtune.models.open_clip_family import TINY_EVA_CLIP, tiny_builder
+    from mixtune.train.run import build_trainer
+
+    model_dir = tiny_builder(TINY_EVA_CLIP)(str(tmp_path / "eva_clip"))
+    trainer = build_trainer(config(tmp_path, model_dir, shapes, pairs_entry(), max_steps=4, learning_rate=5e-4))
+    assert trainer.train().training_loss > 0
+    out = str(tmp_path / "saved")
+    trainer.save_model(out)
+    reloaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    reloaded.eval().output_dict = True
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.model.eval()
+    with torch.no_grad():
+        mine = trainer.model(batch["pixel_values"], batch["input_ids"], return_loss=False)
+        got = reloaded(batch["pixel_values"], batch["input_ids"])
+    assert torch.allclose(got["image_features"], mine.image_embeds, atol=1e-6, rtol=0)
