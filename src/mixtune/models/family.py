@@ -64,6 +64,8 @@ class Family:
     # globs match a parameter owns it; `freeze_<part>`, `lora_modules_to_save` and per-part rates use them.
     # Empty: the chat families' projector / vision / language (the projector first: some live in the tower).
     parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
+    supports_lora: bool = True
 
     def named_parts(self) -> dict[str, tuple[str, ...]]:
         if self.parts:

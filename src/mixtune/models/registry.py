@@ -98,7 +98,8 @@ def support_table() -> str:
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
         chat = fam.task == "chat"
-        rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes" if chat else "-", fam.task,
+        lora = "yes" if fam.supports_lora else "no"
+        rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-", fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \

@@ -89,10 +89,10 @@ def load(mix, family):
     if family.name in OPEN_CLIP_FAMILIES:
         from mixtune.models.open_clip_family import load_open_clip
 
-        if family.name == "coca" and mix.lora:
+        if mix.lora and not family.supports_lora:
             # measured: under peft, the tiny CoCa's loss intermittently explodes (1e18+, infinite gradients)
-            raise ConfigError("LoRA on CoCa is not supported yet; train it fully (freeze_vision / freeze_text "
-                              "to train fewer weights)", key="lora")
+            raise ConfigError(f"LoRA on {family.name} is not supported yet; train it fully (freeze_vision / "
+                              "freeze_text to train fewer weights)", key="lora")
         family.check_requires()
         return load_open_clip(mix.model_name_or_path)
 
