@@ -14,6 +14,7 @@ import torch
 
 from mixtune.data.conversation import Conversation
 from mixtune.data.templates import Renderer, to_messages
+from mixtune.media.video import Video, processor_video_inputs
 
 IGNORE_INDEX = -100
 _TEXT_ONLY_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets"}
@@ -93,10 +94,16 @@ def split_fields(out, length: int) -> tuple[dict, dict]:
     return token_fields, media
 
 
+def media_inputs(processor, media: list) -> dict:
+    """The processor's media arguments: images, and decoded videos (`Video`s, which follow the images)."""
+    images = [m for m in media if not isinstance(m, Video)]
+    return {"images": images or None, **processor_video_inputs(processor, [m for m in media if isinstance(m, Video)])}
+
+
 def encode_with_processor(conv: Conversation, images: list, processor, render: Renderer) -> Encoded:
     messages = to_messages(conv)
     full, spans = assistant_spans(messages, render, conv)
-    out = processor(text=[full], images=images or None, return_offsets_mapping=True,
+    out = processor(text=[full], **media_inputs(processor, images), return_offsets_mapping=True,
                     return_text_replacement_offsets=True, add_special_tokens=add_special_tokens(processor, full),
                     return_tensors="pt")
     input_ids = out["input_ids"][0]
@@ -113,5 +120,5 @@ def generation_inputs(conv: Conversation, images: list, processor, render: Rende
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     text = render(messages, True)
-    return dict(processor(text=[text], images=images or None, add_special_tokens=add_special_tokens(processor, text),
+    return dict(processor(text=[text], **media_inputs(processor, images), add_special_tokens=add_special_tokens(processor, text),
                           return_tensors="pt"))

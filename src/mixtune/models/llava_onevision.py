@@ -27,7 +27,7 @@ def build_tiny(output_dir: str) -> str:
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
                                         video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}),
                                         num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full",
-                                        chat_template=chatml_template("<image>\n"))
+                                        chat_template=chatml_template("<image>\n", video_markup="<video>\n"))
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=TILE, patch_size=PATCH)
     text = Qwen2Config(**TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
@@ -49,4 +49,5 @@ FAMILY = Family(
     build_tiny=build_tiny,
     collate_media=pad_and_concat,
     pack_positions=text_positions,
+    video_placeholder="<video>\n",
 )
