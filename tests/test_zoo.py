@@ -182,6 +182,7 @@ def test_list_models_prints_every_family(capsys):
         # what test_family checks for every registered family: SFT, LoRA, generation
         assert cells[2:4] == ["yes", "yes"] and cells[5] == "yes", row
         assert cells[4] == ("yes" if get_family(name).pack_positions else "no"), row
+        assert cells[6] == ",".join(get_family(name).media_kinds), row
 
 
 def test_instructblip_qformer_never_sees_the_answer(tiny_model_dir):

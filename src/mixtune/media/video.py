@@ -76,12 +76,14 @@ class VideoBudget:
         return max(1, min(total, self.max_frames, max(self.min_frames, wanted)))
 
     def fit(self, video: Video, scale: float = 1.0) -> Video:
-        """The video within the pixel budgets, then shrunk by `scale` (the `truncation: downscale` factor):
-        first it loses frames (down to `min_frames`), then resolution."""
+        """The video within the pixel budgets, then shrunk to `scale` of its pixels (the `truncation: downscale`
+        factor): first it loses frames (down to `min_frames`), then resolution."""
         keep = len(video.frames)
         if scale < 1.0:
             keep = max(min(self.min_frames, keep), math.floor(keep * scale))
-        frame_scale = scale * len(video.frames) / keep if keep else 1.0  # what dropping frames did not achieve
+        # `scale` is a fraction of the video's pixels over all frames (so of its tokens); what dropping frames
+        # did not achieve comes off each frame's area
+        area_scale = scale * len(video.frames) / keep
         indices = pick(len(video.frames), keep)
         frames = [video.frames[i] for i in indices]
         w, h = frames[0].size
@@ -90,7 +92,7 @@ class VideoBudget:
             budget = min(budget, self.max_pixels)
         if self.total_pixels:
             budget = min(budget, self.total_pixels // len(frames))
-        factor = (budget / (w * h)) ** 0.5 * min(1.0, frame_scale)
+        factor = (budget / (w * h) * min(1.0, area_scale)) ** 0.5
         if factor < 1.0 - 1e-9:
             size = (max(1, round(w * factor)), max(1, round(h * factor)))
             frames = [f.resize(size, Image.Resampling.BICUBIC) for f in frames]
