@@ -19,6 +19,7 @@ from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_f
 from mixtune.errors import ConfigError, DataError
 from mixtune.models import registry
 from mixtune.models.loading import load_model_and_processor
+from video_fixtures import moving_square, write_frame_folder, write_video
 
 TOL = 1e-5
 
@@ -42,6 +43,30 @@ def uneven_samples(tmp_path, processor, family, n_text_only: int = 1):
                        {"role": "assistant", "content": "hello there"}]}] * n_text_only
     data = write_json(tmp_path / "train.json", records)
     ds = build_split([{"name": "chatml_dataset", "data_files": data}], "train", processor, family, 4096,
+                     str(tmp_path))
+    return [ds[i] for i in range(len(ds))]
+
+
+def uneven_video_samples(tmp_path, processor, family):
+    """Video samples among image and text samples: a file, a frame folder over two turns, a video beside an
+    image, each with its own M-RoPE temporal positions."""
+    write_video(tmp_path / "right.mp4", moving_square(8, "right"))
+    write_frame_folder(tmp_path / "up", moving_square(6, "up"))
+    Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "sq.png")
+    records = [
+        {"messages": [{"role": "user", "content": "<video>Which way?"}, {"role": "assistant", "content": "right"}],
+         "videos": ["right.mp4"]},
+        {"messages": [{"role": "user", "content": "<image>Describe it."},
+                      {"role": "assistant", "content": "a red square on white, " * 4}], "images": ["sq.png"]},
+        {"messages": [{"role": "user", "content": "<video>Which way?"}, {"role": "assistant", "content": "up"},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes, upwards"}],
+         "videos": ["up"]},
+        {"messages": [{"role": "user", "content": "<image><video>Same colour?"},
+                      {"role": "assistant", "content": "yes"}], "images": ["sq.png"], "videos": ["right.mp4"]},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]},
+    ]
+    data = write_json(tmp_path / "video.json", records)
+    ds = build_split([{"name": "messages", "data_files": data, "max_frames": 4}], "train", processor, family, 4096,
                      str(tmp_path))
     return [ds[i] for i in range(len(ds))]
 
@@ -92,12 +117,27 @@ def test_every_family_that_packs_is_proven_exact():
     assert packing == {name for name, _, _ in EQUALITY_CASES}
 
 
-@pytest.mark.parametrize("name,attn,flatten", EQUALITY_CASES)
-def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten):
+# video samples packed: every family that reads video, with the isolations that apply
+VIDEO_EQUALITY_CASES = [
+    ("qwen2_vl", PACKED_SDPA, False, True),
+    ("qwen2_vl", "sdpa", True, True),
+    ("qwen2_5_vl", PACKED_SDPA, False, True),
+    ("qwen3_vl", PACKED_SDPA, False, True),
+    ("llava_onevision", PACKED_SDPA, False, True),
+]
+
+
+def test_every_family_that_reads_video_is_proven_to_pack_videos_exactly():
+    video = {f.name for f in registry.families() if f.video_placeholder is not None and f.pack_positions}
+    assert video == {name for name, *_ in VIDEO_EQUALITY_CASES}
+
+
+@pytest.mark.parametrize("name,attn,flatten,video", [c + (False,) for c in EQUALITY_CASES] + VIDEO_EQUALITY_CASES)
+def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten, video):
     # the reference runs the plain checkpoint (SDPA for mixtune's attention, which is switched on after)
     family, model, processor = load_model_and_processor(model_dirs(name), "sdpa" if attn == PACKED_SDPA else attn)
     model.eval()  # no dropout; gradients still flow
-    samples = uneven_samples(tmp_path, processor, family)
+    samples = (uneven_video_samples if video else uneven_samples)(tmp_path, processor, family)
     # a sample whose first token carries a label: unpacked it is never a target (nothing precedes it);
     # packed, the collator must mask it or the previous sample's last token would learn to predict it
     samples[1].labels[0] = samples[1].input_ids[0]
