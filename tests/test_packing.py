@@ -101,6 +101,7 @@ EQUALITY_CASES = [
     ("qwen3_vl", "sdpa", False),
     ("llava_next", PACKED_SDPA, False),
     ("llava_onevision", PACKED_SDPA, False),
+    ("llava_next_video", PACKED_SDPA, False),
     ("internvl", PACKED_SDPA, False),
     ("idefics3", PACKED_SDPA, False),
     ("glm4v", PACKED_SDPA, False),
@@ -124,6 +125,7 @@ VIDEO_EQUALITY_CASES = [
     ("qwen2_5_vl", PACKED_SDPA, False, True),
     ("qwen3_vl", PACKED_SDPA, False, True),
     ("llava_onevision", PACKED_SDPA, False, True),
+    ("llava_next_video", PACKED_SDPA, False, True),
 ]
 
 

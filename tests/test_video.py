@@ -21,7 +21,7 @@ VIDEO_FAMILIES = [f.name for f in families() if f.video_placeholder is not None]
 
 
 def test_the_video_families_are_the_ones_whose_processors_take_video():
-    assert VIDEO_FAMILIES == ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+    assert VIDEO_FAMILIES == ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video", "llava_onevision"]
 
 
 def write_jsonl(path, rows) -> str:
@@ -168,7 +168,8 @@ def test_labels_cover_exactly_the_reply_for_every_video_family(clips, tiny_model
         video_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
         for i, answer in ((0, "right"), (1, "up")):
             enc = mix.parts[0][i]
-            assert processor.decode(enc.labels[enc.labels != IGNORE_INDEX]) == answer + "<|im_end|>", name
+            labelled = processor.decode(enc.labels[enc.labels != IGNORE_INDEX])
+            assert labelled.strip() == answer + processor.tokenizer.eos_token, (name, labelled)
             assert (enc.input_ids == video_id).sum() > 0 and (enc.labels[enc.input_ids == video_id]
                                                               == IGNORE_INDEX).all(), name
             assert "pixel_values_videos" in enc.media, name
@@ -231,3 +232,20 @@ def test_over_long_videos_are_dropped_or_lose_frames_then_resolution(clips, qwen
     # the whole video span is kept: as many video tokens as the grid says (merge 2x2)
     assert (enc.input_ids == video_id).sum().item() == grid[0] * grid[1] * grid[2] // 4
     assert enc.media["pixel_values_videos"].shape[0] == grid[0] * grid[1] * grid[2]
+
+
+def test_one_frame_count_per_batch_where_the_model_needs_it(clips, tiny_model_dir):
+    """LLaVA-OneVision / LLaVA-NeXT-Video read videos as (videos, frames, ...): a batch with two frame counts is
+    refused naming the fix, and min_frames = max_frames gives every video that count (short ones repeat)."""
+    write_jsonl(clips / "d.jsonl", [ask(["right.mp4"]), ask(["up"], answer="up")])  # 8 and 6 frames
+    for name in ("llava_onevision", "llava_next_video"):
+        family = get_family(name)
+        processor = AutoProcessor.from_pretrained(tiny_model_dir(name))
+        uneven = build_split([{"name": "messages", "data_files": "d.jsonl", "fps": 100, "max_frames": 8}], "train",
+                             processor, family, 4096, str(clips)).parts[0]
+        with pytest.raises(ConfigError, match=r"videos of \[6, 8\] frames.*min_frames equal to max_frames"):
+            family.collate_media([uneven[0].media, uneven[1].media])
+        even = build_split([{"name": "messages", "data_files": "d.jsonl", "fps": 100, "min_frames": 8,
+                             "max_frames": 8}], "train", processor, family, 4096, str(clips)).parts[0]
+        batch = family.collate_media([even[0].media, even[1].media])
+        assert batch["pixel_values_videos"].shape[:2] == (2, 8)

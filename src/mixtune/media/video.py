@@ -71,9 +71,10 @@ class VideoBudget:
         return cls(**given)
 
     def frame_count(self, total: int, duration: float | None) -> int:
-        """Frames to keep from a source of `total` frames lasting `duration` seconds (None: a frame list)."""
-        wanted = total if duration is None else round(duration * self.fps)
-        return max(1, min(total, self.max_frames, max(self.min_frames, wanted)))
+        """Frames to keep from a source of `total` frames lasting `duration` seconds (None: a frame list): one
+        per 1/fps seconds, within [min_frames, max_frames]; a source shorter than min_frames repeats frames."""
+        wanted = min(total, round(duration * self.fps)) if duration is not None else total
+        return max(1, min(self.max_frames, max(self.min_frames, wanted)))
 
     def fit(self, video: Video, scale: float = 1.0) -> Video:
         """The video within the pixel budgets, then shrunk to `scale` of its pixels (the `truncation: downscale`
@@ -102,8 +103,8 @@ class VideoBudget:
 
 
 def pick(total: int, keep: int) -> list[int]:
-    """`keep` indices spread evenly over `total` frames (the first always kept)."""
-    if keep >= total:
+    """`keep` indices spread evenly over `total` frames (the first always kept; repeated when keep > total)."""
+    if keep == total:
         return list(range(total))
     return [math.floor(i * total / keep) for i in range(keep)]
 
@@ -162,7 +163,8 @@ def decode_file(path: str, budget: VideoBudget) -> Video:
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
             total = stream.frames  # from the container's header; 0 where it does not say
             # with a known count only the kept frames are converted to images (a long video is never held whole)
-            wanted = set(pick(total, budget.frame_count(total, total / rate if rate else None))) if total else None
+            sampled = pick(total, budget.frame_count(total, total / rate if rate else None)) if total else None
+            wanted = set(sampled) if total else None
             decoded = {}
             for i, frame in enumerate(container.decode(stream)):
                 if wanted is None or i in wanted:
@@ -177,7 +179,7 @@ def decode_file(path: str, budget: VideoBudget) -> Video:
         count = len(decoded)
         indices = pick(count, budget.frame_count(count, count / rate if rate else None))
     else:  # a header count a frame or two above what decodes is common: keep the sampled ones that decoded
-        count, indices = total, sorted(wanted & set(decoded))
+        count, indices = total, [i for i in sampled if i in decoded]
     duration = count / rate if rate else None
     sampled_fps = len(indices) / duration if duration else budget.fps
     return Video(same_size([decoded[i].convert("RGB") for i in indices], path), sampled_fps, path, count,
