@@ -60,7 +60,8 @@ def read_prompts(entries: list[DatasetEntry]) -> list[PromptItem]:
             log.warning("%s: %d bad sample(s) skipped, e.g. %s", entry.label(), len(bad.records), bad.records[0])
         for conv in convs:
             prompt = prompt_part(conv)
-            key = (id(entry), tuple((t.role, t.text) for t in prompt.turns), tuple(prompt.images))
+            key = (id(entry), tuple((t.role, t.text) for t in prompt.turns), tuple(prompt.images),
+                   str(prompt.videos))
             item = items.setdefault(key, PromptItem(prompt, entry))
             refs = conv.answers or ([reference_of(conv)] if reference_of(conv) else [])
             item.references += [r for r in refs if r not in item.references]
@@ -77,7 +78,7 @@ class EntryInputs:
         if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
             processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
         self.prompter = Prompter.for_family(engine.family, processor, entry.chat_template or engine.chat_template)
-        self.images = ImagePrep(entry.min_pixels, entry.max_pixels)
+        self.images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video)
 
     def __call__(self, conv: Conversation) -> dict:
         return self.prompter.inputs(conv, [self.images.fit(img) for img in self.images.decode(conv)])
