@@ -14,11 +14,19 @@ log = logging.getLogger("mixtune")
 
 def cmd_train(args, extra: list[str]) -> int:
     from mixtune.config import load_config, parse_overrides
+    from mixtune.train.distributed import is_main_process, needs_launcher, relaunch_under_torchrun, split_launch_flags
+
+    launch, extra = split_launch_flags(extra)
+    if not launch and needs_launcher(args.config, extra):  # DeepSpeed needs a process group, even of one
+        launch = {"standalone": None, "nproc_per_node": "1"}
+    if launch:  # `--nproc_per_node N` (and torchrun's other flags): run again as torchrun's workers
+        return relaunch_under_torchrun(launch, [args.config] + extra)
     from mixtune.train.run import train
 
     config = load_config(args.config, parse_overrides(extra))
     metrics = train(config)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    if is_main_process():
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
     return 0
 
 
@@ -239,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas, report_to_launcher
+
+    logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
+    quiet_replicas()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "extra_ok", False):
@@ -247,5 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra)
     except MixtuneError as e:
-        print(f"mixtune: error: {e}", file=sys.stderr)
+        if is_main_process() or not isinstance(e, RankFailed):  # another rank's error: the main one says it
+            print(f"mixtune: error: {e}", file=sys.stderr)
+            report_to_launcher(e)
         return 2

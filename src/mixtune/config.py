@@ -61,10 +61,15 @@ class MixtuneArgs:
         "help": "modules trained fully beside the adapters: regexes over module names, or 'projector' / 'vision'"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (peft's use_dora)"})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by alpha/sqrt(r) (peft's use_rslora)"})
-    tensor_parallel_degree: int = field(default=1, metadata={"help": "tensor parallel size (only 1 so far)"})
-    pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1 so far)"})
-    sharding_parallel_degree: int = field(default=1, metadata={"help": "ZeRO sharding group size (only 1 so far)"})
-    sharding: str = field(default="", metadata={"help": "ZeRO stage: stage1, stage2 (not built yet)"})
+    tensor_parallel_degree: int = field(default=1, metadata={
+        "help": "tensor parallel size: the language model split across this many processes (transformers' tp_plan)"})
+    pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1: use sharding)"})
+    sharding_parallel_degree: int = field(default=1, metadata={
+        "help": "ranks per sharding group; 1 / -1 / the world size: shard across all ranks, fewer: hybrid sharding"})
+    sharding: list[str] | str = field(default="", metadata={
+        "help": "ZeRO stage: stage1, stage2 or stage3, optionally with offload (\"stage3 offload\")"})
+    sharding_engine: str = field(default="deepspeed", metadata={
+        "help": "what runs `sharding`: deepspeed (ZeRO) or fsdp (FSDP2, GPUs only)"})
     on_bad_sample: str = field(default="error", metadata={
         "help": "default for dataset entries: 'error' stops at the first bad sample, 'skip' drops and reports it"})
     strict_fields: bool = field(default=False, metadata={
@@ -248,7 +253,7 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
 
     if mix.device in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"'{mix.device}' requested but torch sees no GPU", key="device")
-    if mix.device == "cpu" or not torch.cuda.is_available():
+    if mix.device == "cpu" or (not torch.cuda.is_available() and mix.device != "npu"):
         train_kwargs.setdefault("use_cpu", True)  # lets bf16 run on CPU instead of failing the GPU check
     if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
         # packs already group samples by length; the length-grouped sampler cannot read packs
@@ -256,6 +261,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
         notes.append("group_by_length has no effect with mixtoken: packs are shuffled instead")
     if mix.fp16_opt_level == "O2" and (train_kwargs.get("bf16") or train_kwargs.get("fp16")):
         notes.append("fp16_opt_level O2: mixtune keeps fp32 master weights and autocasts (O1 semantics)")
+    from mixtune.train.distributed import apply_parallelism
+
+    apply_parallelism(mix, train_kwargs, notes)  # sharding / fsdp / parallel degrees -> TrainingArguments
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
@@ -293,16 +301,8 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
         raise ConfigError(f"must be one of {TRUNCATION}, got {mix.truncation!r}", key="truncation")
     if mix.fp16_opt_level not in ("O1", "O2"):
         raise ConfigError(f"must be 'O1' or 'O2', got {mix.fp16_opt_level!r}", key="fp16_opt_level")
-    if mix.device not in (None, "cpu", "gpu", "cuda"):
-        raise NotSupportedYet("device", f"device '{mix.device}'")
-    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree"):
-        value = getattr(mix, key)
-        if value < 1:
-            raise ConfigError("must be >= 1", key=key)
-        if value > 1:
-            raise NotSupportedYet(key, f"{key}={value}")
-    if mix.sharding:
-        raise NotSupportedYet("sharding", f"sharding '{mix.sharding}'")
+    if mix.device not in (None, "cpu", "gpu", "cuda", "npu"):
+        raise ConfigError(f"must be cpu, gpu, cuda or npu, got {mix.device!r}", key="device")
     if mix.eval_with_do_generation and not mix.dataset.get("eval"):
         raise ConfigError("needs dataset.eval entries to answer", key="eval_with_do_generation")
     if mix.generation_max_new_tokens < 1:

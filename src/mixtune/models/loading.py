@@ -14,7 +14,7 @@ from mixtune.models.registry import family_for_checkpoint
 
 def load_model_and_processor(model_name_or_path: str | None, attn_implementation: str | None = None,
                              dtype: torch.dtype = torch.float32, lora_path: str | None = None,
-                             merge_lora: bool = False):
+                             merge_lora: bool = False, tp_size: int = 1):
     import transformers
 
     if lora_path:
@@ -27,6 +27,8 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
+        kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
         model = auto.from_pretrained(model_name_or_path, **kwargs)

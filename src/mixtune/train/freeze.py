@@ -71,9 +71,10 @@ def trainable_summary(model, depth: int = 2) -> str:
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
         key = ".".join(name.split(".")[:depth])
-        groups[key][1] += param.numel()
+        numel = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves each rank a shard
+        groups[key][1] += numel
         if param.requires_grad:
-            groups[key][0] += param.numel()
+            groups[key][0] += numel
     trainable = sum(g[0] for g in groups.values())
     total = sum(g[1] for g in groups.values())
     lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.1f}%)"]

@@ -18,6 +18,7 @@ from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
 from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.optim import PartRates
@@ -62,13 +63,18 @@ def build_trainer(config: Config):
     from mixtune.train.trainer import MixTrainer
 
     mix, args = config.mix, config.training
-    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
+    join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
+    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
+                                                        tp_size=mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
     try:
         if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
+            from transformers import set_seed
+
             from mixtune.train.lora import apply_lora
 
+            set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
             model = apply_lora(model, family, mix)
         else:
             parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
@@ -81,10 +87,11 @@ def build_trainer(config: Config):
     data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
                      num_workers=args.dataloader_num_workers,
                      defaults={k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
-    train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length, config.base_dir,
-                            **data_opts)
-    eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
-                           **data_opts)
+    with main_process_first():  # the main process scans and caches lengths; the others read its cache
+        train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length,
+                                config.base_dir, **data_opts)
+        eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
+                               **data_opts)
     if train_set is None:
         raise ConfigError("has no entries", key="dataset.train")
     save_training_template(processor, train_set.parts + (eval_set.parts if eval_set is not None else []))
@@ -113,7 +120,7 @@ def train(config: Config) -> dict:
     resume = resolve_resume(config)
     trainer = build_trainer(config)
     out = config.training.output_dir
-    skipped_path = write_report(trainer.skipped_samples, out)
+    skipped_path = write_report(trainer.skipped_samples, out) if is_main_process() else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)  # model + processor (tokenizer, chat template) in plain transformers form
     trainer.save_state()
@@ -124,6 +131,8 @@ def train(config: Config) -> dict:
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     history = trainer.state.log_history
+    if not is_main_process():  # the main process writes metrics and the report for every rank
+        return final
     write_metrics(out, history, final)
     plot_loss(out, history)
     if trainer.skipped_samples:
