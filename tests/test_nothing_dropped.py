@@ -58,7 +58,7 @@ def user_assistant(q="<video>Why is this video funny?", a="Because a baby is rea
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-# ---- videos for a family without video, and audio: refused, never trained with literal placeholders ----
+# ---- videos and audio for a family without them: refused, never trained with literal placeholders ----
 
 MEDIA_CASES = {
     # LLaMA-Factory's mllm_video_demo / mllm_audio_demo / mllm_video_audio_demo
@@ -66,10 +66,10 @@ MEDIA_CASES = {
                    "videos", "the sample has 1 video(s): video inputs are not supported by family llava"),
     "audio_demo": ("sharegpt", {"messages": user_assistant("<audio>What's that sound?", "Glass."),
                                 "audios": ["mllm_demo_data/1.mp3"]},
-                   "audios", "audio inputs are not supported yet"),
+                   "audios", "the sample has 1 audio(s): audio inputs are not supported by family llava"),
     "video_audio_demo": ("messages", {"messages": user_assistant("<video><audio>What is it?", "A talk."),
                                       "videos": ["1.mp4"], "audios": ["1.mp3"]},
-                         "audios", "audio inputs are not supported yet"),
+                         "videos", "video inputs are not supported by family llava"),
     # a placeholder with no media key at all is still refused
     "llava_placeholder_only": ("llava", {"conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
                                                            {"from": "gpt", "value": "A dog runs."}]},
@@ -82,7 +82,7 @@ MEDIA_CASES = {
     "openai_input_audio_part": ("sharegpt", {"messages": [
         {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]},
         {"role": "assistant", "content": "Silence."}]},
-        "messages[0]", "has a 'input_audio' part: audio inputs are not supported yet"),
+        "audios", "audio inputs are not supported by family llava"),
 }
 
 

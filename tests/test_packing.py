@@ -19,7 +19,7 @@ from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_f
 from mixtune.errors import ConfigError, DataError
 from mixtune.models import registry
 from mixtune.models.loading import load_model_and_processor
-from video_fixtures import moving_square, write_frame_folder, write_video
+from video_fixtures import moving_square, write_frame_folder, write_tone, write_video
 
 TOL = 1e-5
 
@@ -71,6 +71,27 @@ def uneven_video_samples(tmp_path, processor, family):
     return [ds[i] for i in range(len(ds))]
 
 
+def uneven_audio_samples(tmp_path, processor, family):
+    """Audio samples of different clip lengths and replies, two turns, text only (for audio-only families)."""
+    write_tone(tmp_path / "low.wav", 440, seconds=1.0)
+    write_tone(tmp_path / "high.wav", 1320, seconds=2.5)
+    records = [
+        {"messages": [{"role": "user", "content": "<audio>Which tone?"}, {"role": "assistant", "content": "low"}],
+         "audios": ["low.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Describe it."},
+                      {"role": "assistant", "content": "a steady high whistle, " * 4}], "audios": ["high.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Which tone?"}, {"role": "assistant", "content": "high"},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes, high"}],
+         "audios": ["high.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Loud?"}, {"role": "assistant", "content": "no"}],
+         "audios": ["low.wav"]},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]},
+    ]
+    data = write_json(tmp_path / "audio.json", records)
+    ds = build_split([{"name": "messages", "data_files": data}], "train", processor, family, 4096, str(tmp_path))
+    return [ds[i] for i in range(len(ds))]
+
+
 def loss_and_grads(model, inputs):
     model.zero_grad()
     out = model(**inputs)
@@ -103,6 +124,7 @@ EQUALITY_CASES = [
     ("llava_onevision", PACKED_SDPA, False),
     ("llava_next_video", PACKED_SDPA, False),
     ("internvl", PACKED_SDPA, False),
+    ("qwen2_audio", PACKED_SDPA, False),
     ("idefics3", PACKED_SDPA, False),
     ("glm4v", PACKED_SDPA, False),
     ("smolvlm", PACKED_SDPA, False),
@@ -120,13 +142,19 @@ def test_every_family_that_packs_is_proven_exact():
 
 # video samples packed: every family that reads video, with the isolations that apply
 VIDEO_EQUALITY_CASES = [
-    ("qwen2_vl", PACKED_SDPA, False, True),
-    ("qwen2_vl", "sdpa", True, True),
-    ("qwen2_5_vl", PACKED_SDPA, False, True),
-    ("qwen3_vl", PACKED_SDPA, False, True),
-    ("llava_onevision", PACKED_SDPA, False, True),
-    ("llava_next_video", PACKED_SDPA, False, True),
+    ("qwen2_vl", PACKED_SDPA, False, "video"),
+    ("qwen2_vl", "sdpa", True, "video"),
+    ("qwen2_5_vl", PACKED_SDPA, False, "video"),
+    ("qwen3_vl", PACKED_SDPA, False, "video"),
+    ("llava_onevision", PACKED_SDPA, False, "video"),
+    ("llava_next_video", PACKED_SDPA, False, "video"),
 ]
+SAMPLES = {"image": uneven_samples, "video": uneven_video_samples, "audio": uneven_audio_samples}
+
+
+def media_of(name: str) -> str:
+    """The equality test's samples for a family: images, or audio for audio-only families."""
+    return "image" if registry.get_family(name).reads_images else "audio"
 
 
 def test_every_family_that_reads_video_is_proven_to_pack_videos_exactly():
@@ -134,12 +162,13 @@ def test_every_family_that_reads_video_is_proven_to_pack_videos_exactly():
     assert video == {name for name, *_ in VIDEO_EQUALITY_CASES}
 
 
-@pytest.mark.parametrize("name,attn,flatten,video", [c + (False,) for c in EQUALITY_CASES] + VIDEO_EQUALITY_CASES)
-def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten, video):
+@pytest.mark.parametrize("name,attn,flatten,media", [c + (media_of(c[0]),) for c in EQUALITY_CASES]
+                         + VIDEO_EQUALITY_CASES)
+def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten, media):
     # the reference runs the plain checkpoint (SDPA for mixtune's attention, which is switched on after)
     family, model, processor = load_model_and_processor(model_dirs(name), "sdpa" if attn == PACKED_SDPA else attn)
     model.eval()  # no dropout; gradients still flow
-    samples = (uneven_video_samples if video else uneven_samples)(tmp_path, processor, family)
+    samples = SAMPLES[media](tmp_path, processor, family)
     # a sample whose first token carries a label: unpacked it is never a target (nothing precedes it);
     # packed, the collator must mask it or the previous sample's last token would learn to predict it
     samples[1].labels[0] = samples[1].input_ids[0]
@@ -151,7 +180,8 @@ def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, at
     if attn == PACKED_SDPA:
         use_packed_sdpa(model)
         assert model.config.text_config._attn_implementation == PACKED_SDPA
-        assert model.config.vision_config._attn_implementation == "sdpa"
+        encoder = getattr(model.config, "vision_config", None) or model.config.audio_config
+        assert encoder._attn_implementation == "sdpa"
     packed = PackCollator(processor.tokenizer.pad_token_id, partial(family.pack_positions, model), flatten,
                          collate_media=family.collate_media)(packs)
     assert "attention_mask" not in packed and packed["use_cache"] is False

@@ -1,4 +1,4 @@
-"""Tiny generated videos for tests: files written with PyAV, frame folders written with Pillow.
+"""Tiny generated media for tests: videos written with PyAV, frame folders with Pillow, tones as wav.
 
 A video shows a square moving across a grey background, so frames differ and a different video gives
 different pixels."""
@@ -47,4 +47,18 @@ def write_frame_folder(path, frames: list) -> str:
     os.makedirs(path, exist_ok=True)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(os.path.join(path, f"{i:04d}.png"))
+    return os.path.basename(str(path))
+
+
+def write_tone(path, hz: float, seconds: float = 1.0, rate: int = 22050) -> str:
+    """A sine tone as a 16-bit mono wav (the standard library's wave module); returns the file name."""
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.5 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
     return os.path.basename(str(path))

@@ -12,13 +12,11 @@ from mixtune.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"
 ROLES = ("system", "user", "assistant")
 # ms-swift's grounding placeholders, filled from `Conversation.objects` (data/grounding.py)
 REF_PLACEHOLDER = "<ref-object>"
 BOX_PLACEHOLDER = "<bbox>"
-# Media that mixtune cannot train on yet: a sample using them is refused, never trained with its placeholders
-# left in as literal text. Placeholder -> the record keys that list such media.
-UNSUPPORTED_MEDIA = {"<audio>": ("audios", "audio")}
 
 
 def media_not_supported(kind: str, family: str | None = None) -> str:
@@ -49,6 +47,7 @@ class Conversation:
     images: list[str] = field(default_factory=list)  # absolute paths or data: URIs, in placeholder order
     # each a video file or frame folder (absolute path) or a list of frame image paths, in `<video>` order
     videos: list = field(default_factory=list)
+    audios: list[str] = field(default_factory=list)  # absolute paths or data: URIs, in `<audio>` order
     objects: Objects | None = None
     file: str | None = None
     index: int | None = None
@@ -73,10 +72,6 @@ class Conversation:
             if not isinstance(turn.text, str):
                 raise self.error(f"turn {i} content must be a string, got {type(turn.text).__name__}")
             self._check_loss(i, turn)
-            for placeholder, keys in UNSUPPORTED_MEDIA.items():
-                if placeholder in turn.text:
-                    raise self.error(f"'{placeholder}' placeholder in turn {i}: "
-                                     f"{media_not_supported(keys[1])}", keys[0])
         body = self.turns[1:] if self.turns[0].role == "system" else self.turns
         for i, turn in enumerate(body):
             expected = "user" if i % 2 == 0 else "assistant"
@@ -88,7 +83,8 @@ class Conversation:
         if not any(t.role == "assistant" and t.loss is not False for t in body):
             raise self.error("every assistant turn has loss: false; nothing is left to train on", "loss")
         self._check_grounding()
-        # videos first, so that media without placeholders end up as images then videos
+        # last kind first, so that media without placeholders end up as images, videos, then audio
+        self._match_placeholders(AUDIO_PLACEHOLDER, self.audios, "audio", "audios")
         self._match_placeholders(VIDEO_PLACEHOLDER, self.videos, "video", "videos")
         self._match_placeholders(IMAGE_PLACEHOLDER, self.images, "image", "image")
         return self

@@ -27,6 +27,7 @@ from mixtune.data.lengths import cache_key, default_cache_dir, entry_options, me
 from mixtune.data.mix import MixDataset
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError, DataError
+from mixtune.media.audio import Audio, AudioBudget, audio_budget, check_audio_keys, load_audio
 from mixtune.media.video import VIDEO_KEYS, Video, VideoBudget, check_video_keys, load_video
 
 log = logging.getLogger("mixtune")
@@ -34,7 +35,7 @@ log = logging.getLogger("mixtune")
 TRUNCATION = ("drop", "downscale")
 ENTRY_KEYS = {"name", "data_files", "chat_template", "ratio", "repeat", "max_samples", "image_root", "prompt",
               "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields", "max_sample_bytes",
-              *VIDEO_KEYS}
+              *VIDEO_KEYS, "max_audio_seconds"}
 # config-wide keys that are defaults for every entry
 ENTRY_DEFAULT_KEYS = ("on_bad_sample", "truncation", "strict_fields", "max_sample_bytes")
 
@@ -58,6 +59,7 @@ class DatasetEntry:
     strict_fields: bool = False  # a record key the reader does not read is an error, not a warning
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # a bigger JSON record is a bad sample, never parsed
     video: VideoBudget | None = None  # fps, min/max_frames, video_max_pixels, video_total_pixels
+    max_audio_seconds: float | None = None  # longer clips are bad samples (default: what the model reads)
 
     @classmethod
     def from_config(cls, raw: Any, base_dir: str, where: str, defaults: dict | None = None) -> "DatasetEntry":
@@ -94,6 +96,7 @@ class DatasetEntry:
         check("on_bad_sample", lambda v: v in POLICIES, f"one of {POLICIES}")
         check("strict_fields", lambda v: isinstance(v, bool), "true or false")
         check_video_keys(values, where)
+        check_audio_keys(values, where)
         if values.get("ratio") is not None and values.get("repeat") is not None:
             raise ConfigError("give 'ratio' or 'repeat', not both", key=where)
         if values.get("min_pixels") and values.get("max_pixels") and values["min_pixels"] > values["max_pixels"]:
@@ -111,7 +114,7 @@ class DatasetEntry:
                    on_bad_sample=values.get("on_bad_sample") or "error",
                    strict_fields=bool(values.get("strict_fields")),
                    max_sample_bytes=values.get("max_sample_bytes") or DEFAULT_MAX_SAMPLE_BYTES,
-                   video=VideoBudget.from_entry(values))
+                   video=VideoBudget.from_entry(values), max_audio_seconds=values.get("max_audio_seconds"))
 
     @property
     def weight(self) -> float | None:
@@ -131,15 +134,19 @@ class ImagePrep:
     min_pixels: int | None = None
     max_pixels: int | None = None
     video: VideoBudget | None = None
+    audio: AudioBudget | None = None  # the processor's sampling rate and the clip length limit
 
     def decode(self, conv: Conversation) -> list:
         try:
             return ([load_image(ref) for ref in conv.images]
-                    + [load_video(ref, self.video or VideoBudget()) for ref in conv.videos])
+                    + [load_video(ref, self.video or VideoBudget()) for ref in conv.videos]
+                    + [load_audio(ref, self.audio or AudioBudget()) for ref in conv.audios])
         except DataError as e:
             raise DataError(e.reason, file=conv.file, index=conv.index, line=conv.line, field=e.field) from None
 
     def fit(self, img, scale: float = 1.0):
+        if isinstance(img, Audio):  # audio is never shrunk: a clip too long for max_length is dropped
+            return img
         if isinstance(img, Video):
             return (self.video or VideoBudget()).fit(img, scale)
         return fit_image(img, self.min_pixels, self.max_pixels, scale)
@@ -224,7 +231,7 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
                 num_workers: int = 0) -> SFTDataset:
     label = entry.label()
     bad = BadSamples(entry.on_bad_sample, entry=label, strict_fields=entry.strict_fields)
-    conversations = refuse_videos(read_entry(entry, bad), family, bad)
+    conversations = refuse_media(read_entry(entry, bad), family, bad)
     if entry.max_samples is not None:
         conversations = conversations[: entry.max_samples]
     render = (make_renderer(processor, entry.chat_template, family.image_placeholder, family.default_chat_template)
@@ -233,7 +240,7 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
     encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
                      grounding=family.grounding)
-    images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video)
+    images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video, audio_budget(processor, entry.max_audio_seconds))
     options = {**entry_options(entry), "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)
@@ -260,16 +267,18 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
                       render=render)
 
 
-def refuse_videos(conversations: list[Conversation], family, bad: BadSamples) -> list[Conversation]:
-    """Samples with videos are bad samples for a family that takes no video."""
-    if family.video_placeholder is not None:
-        return conversations
+def refuse_media(conversations: list[Conversation], family, bad: BadSamples) -> list[Conversation]:
+    """Samples with media the family does not read (videos, audio, or images for an audio model) are bad
+    samples naming the family."""
+    unread = [kind for kind in ("image", "video", "audio") if kind not in family.media_kinds]
     kept = []
     for conv in conversations:
         with bad.catch():
-            if conv.videos:
-                raise conv.error(f"the sample has {len(conv.videos)} video(s): "
-                                 f"{media_not_supported('video', family.name)}", "videos")
+            for kind in unread:
+                refs = getattr(conv, f"{kind}s")
+                if refs:
+                    raise conv.error(f"the sample has {len(refs)} {kind}(s): {media_not_supported(kind, family.name)}",
+                                     f"{kind}s")
             kept.append(conv)
     return kept
 

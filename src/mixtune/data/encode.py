@@ -14,10 +14,12 @@ import torch
 
 from mixtune.data.conversation import Conversation
 from mixtune.data.templates import Renderer, to_messages
+from mixtune.media.audio import Audio, processor_audio_inputs
 from mixtune.media.video import Video, processor_video_inputs
 
 IGNORE_INDEX = -100
 _TEXT_ONLY_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets"}
+_MEDIA_KEYS = {"feature_attention_mask"}  # (1, audio frames): media even when a sample has as many tokens
 
 
 @dataclass
@@ -87,7 +89,7 @@ def split_fields(out, length: int) -> tuple[dict, dict]:
     for key, value in out.items():
         if key in _TEXT_ONLY_KEYS or key == "labels" or not isinstance(value, torch.Tensor):
             continue
-        if value.dim() == 2 and value.shape == (1, length):
+        if value.dim() == 2 and value.shape == (1, length) and key not in _MEDIA_KEYS:
             token_fields[key] = value[0]
         else:
             media[key] = value
@@ -95,9 +97,11 @@ def split_fields(out, length: int) -> tuple[dict, dict]:
 
 
 def media_inputs(processor, media: list) -> dict:
-    """The processor's media arguments: images, and decoded videos (`Video`s, which follow the images)."""
-    images = [m for m in media if not isinstance(m, Video)]
-    return {"images": images or None, **processor_video_inputs(processor, [m for m in media if isinstance(m, Video)])}
+    """The processor's media arguments: images, then decoded videos (`Video`s) and audio clips (`Audio`s)."""
+    images = [m for m in media if not isinstance(m, (Video, Audio))]
+    return {**({"images": images} if images else {}),
+            **processor_video_inputs(processor, [m for m in media if isinstance(m, Video)]),
+            **processor_audio_inputs(processor, [m for m in media if isinstance(m, Audio)])}
 
 
 def encode_with_processor(conv: Conversation, images: list, processor, render: Renderer) -> Encoded:

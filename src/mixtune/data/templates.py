@@ -20,18 +20,18 @@ from typing import Any
 
 from jinja2.exceptions import SecurityError
 
-from mixtune.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation
+from mixtune.data.conversation import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation
 from mixtune.errors import ConfigError
 
 log = logging.getLogger("mixtune")
 
 Renderer = Callable[[list[dict], bool], str]
-_MEDIA_PARTS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+_MEDIA_PARTS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video", AUDIO_PLACEHOLDER: "audio"}
 _MEDIA_SPLIT = re.compile("(" + "|".join(map(re.escape, _MEDIA_PARTS)) + ")")
 
 
 def to_messages(conv: Conversation) -> list[dict]:
-    """Conversation -> messages with content parts, splitting text at each `<image>` and `<video>`."""
+    """Conversation -> messages with content parts, splitting text at each `<image>`, `<video>` and `<audio>`."""
     messages = []
     for turn in conv.turns:
         parts: list[dict] = []

@@ -61,11 +61,15 @@ class Family:
     # What one video looks like in rendered prompt text (its chat template's markup for a {"type": "video"}
     # part); None: the family takes no video, and samples with videos are refused naming the family.
     video_placeholder: str | None = None
+    # The same for one audio clip (None: no audio); `reads_images` False for audio-only models.
+    audio_placeholder: str | None = None
+    reads_images: bool = True
 
     @property
     def media_kinds(self) -> tuple[str, ...]:
         """What the family's models read besides text: `mixtune list-models` shows it."""
-        return ("image",) + (("video",) if self.video_placeholder is not None else ())
+        return ((("image",) if self.reads_images else ()) + (("video",) if self.video_placeholder is not None else ())
+                + (("audio",) if self.audio_placeholder is not None else ()))
 
     def check_requires(self) -> None:
         import importlib.util

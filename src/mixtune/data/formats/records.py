@@ -4,8 +4,8 @@
   dataset entry, or refused under `strict_fields: true` (`note_unknown_keys`).
 - Videos (`videos` / `video`: paths of video files or frame folders, or lists of frame paths) are read into
   `Conversation.videos`; a family without video support refuses them when the dataset is built.
-- Audio is not trained on yet: a record listing it is a bad sample (`refuse_unsupported_media`); `<audio>`
-  placeholders are refused in `Conversation.validate` whatever the format.
+- Audio (`audios` / `audio`: paths or data: URIs) is read into `Conversation.audios` likewise.
+- The `hf` reader takes neither yet: a row with them is a bad sample (`refuse_unsupported_media`).
 - A top-level `system` (ms-swift, LLaMA-Factory) becomes the system turn; ms-swift's per-turn `loss` (and
   OpenAI's per-message `weight`) and its grounding `objects` are carried into the Conversation.
 """
@@ -50,7 +50,7 @@ def note_unknown_keys(record: Any, known, where: dict, bad) -> None:
             bad.ignore_keys(keys, where)
 
 
-def refuse_unsupported_media(record: Any, where: dict, kinds=("audio",)) -> None:
+def refuse_unsupported_media(record: Any, where: dict, kinds=()) -> None:
     if not isinstance(record, dict):
         return
     for key, kind in MEDIA_KEYS.items():
@@ -149,6 +149,24 @@ def video_list(record: dict, where: dict) -> list:
     return refs
 
 
+def audio_list(record: dict, where: dict) -> list:
+    """The record's `audios` (or `audio`): paths or data: URIs."""
+    key = "audios" if "audios" in record else "audio" if "audio" in record else None
+    if key is None or record[key] in (None, ""):
+        return []
+    refs = [record[key]] if isinstance(record[key], str) else record[key]
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise DataError("must be a path or a list of paths", field=key, **where)
+    return refs
+
+
+def resolve_audio_refs(refs: list, base: str, where: dict) -> list:
+    try:
+        return [resolve_image_ref(r, base) for r in refs]
+    except ValueError as e:
+        raise DataError(str(e).replace("image", "audio"), field="audios", **where) from None
+
+
 def is_frame(path: str) -> bool:
     return path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))
 
@@ -163,7 +181,7 @@ def resolve_video_refs(refs: list, base: str, where: dict) -> list:
 
 
 def build_conversation(turns: list[Turn], images: list[str], record: dict, base: str, where: dict,
-                       videos: list | None = None) -> Conversation:
+                       videos: list | None = None, audios: list | None = None) -> Conversation:
     """The record's turns and resolved images, plus what every format shares: the top-level system prompt,
     Qwen-VL's inline `<img>path</img>` images and ms-swift's grounding objects."""
     turns, tagged = inline_image_tags(turns)
@@ -173,5 +191,7 @@ def build_conversation(turns: list[Turn], images: list[str], record: dict, base:
     images = images or resolve_refs(tagged, base, "<img>", where)
     if videos is None:
         videos = resolve_video_refs(video_list(record, where), base, where)
-    return Conversation(turns=with_system(turns, record, where), images=images, videos=videos,
+    if audios is None:
+        audios = resolve_audio_refs(audio_list(record, where), base, where)
+    return Conversation(turns=with_system(turns, record, where), images=images, videos=videos, audios=audios,
                         objects=parse_objects(record, where), **where)
