@@ -130,7 +130,7 @@ def test_families_refuse_the_media_they_do_not_read(tones, tiny_model_dir, qwen_
 
 
 def test_labels_cover_exactly_the_reply(tones, qwen_audio):
-    processor, family = qwen_audio
+    processor = qwen_audio[0]
     write_jsonl(tones / "d.jsonl", [ask(["low.wav"]), ask(["high.wav", "low.wav"], "<audio><audio>Same?", "no")])
     mix = build_split([{"name": "messages", "data_files": "d.jsonl"}], "train", *qwen_audio, 1024, str(tones))
     audio_id = processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")

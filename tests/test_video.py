@@ -175,7 +175,8 @@ def test_labels_cover_exactly_the_reply_for_every_video_family(clips, tiny_model
             assert "pixel_values_videos" in enc.media, name
 
 
-def video_inputs(processor, path, budget=VideoBudget(max_frames=4)):
+def video_inputs(processor, path):
+    budget = VideoBudget(max_frames=4)
     msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which way?"}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], **media_inputs(processor, [load_video(str(path), budget)]), return_tensors="pt")

@@ -119,8 +119,8 @@ def run_video_demo(family_name: str = "qwen2_vl", output_dir: str = "runs/demo_v
         report["first_frame_train_loss_last"] = first["loss_last"]
     model = os.path.join(output_dir, "trained")
     report.update(total_runtime_s=round(time.time() - start, 1), model_dir=model, examples=full["rows"][:8],
-                  next_commands=[f"mixtune predict --model {model} --data_files {val_file} "
-                                 f"--output_dir {model}/predictions"])
+                  next_commands=[(f"mixtune predict --model {model} --data_files {val_file} "
+                                  f"--output_dir {model}/predictions")])
     with open(os.path.join(output_dir, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
