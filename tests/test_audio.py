@@ -171,3 +171,17 @@ def test_audio_training_lowers_loss_and_reloads_with_equal_logits(tiny_model_dir
         assert torch.allclose(trainer.model.eval()(**inputs("low.wav")).logits, logits, atol=1e-5)
         other = model(**inputs("high.wav")).logits
     assert (other - logits).abs().max() > 1e-3  # the model hears the clip
+
+
+def test_predict_answers_audio_prompts_at_the_processor_rate(tones, tiny_model_dir, tmp_path):
+    """`mixtune predict` reads audio like training: resampled, each clip reaching the model."""
+    from mixtune.infer.engine import Engine, GenerationOptions
+    from mixtune.infer.predict import predict, read_prompts
+
+    write_jsonl(tones / "p.jsonl", [ask(["low.wav"]), ask(["high.wav"])])
+    items = read_prompts([entry(tones, "messages", "p.jsonl")])
+    assert [i.conv.audios for i in items] == [[str(tones / "low.wav")], [str(tones / "high.wav")]]
+    summary = predict(Engine.load(tiny_model_dir("qwen2_audio")), items, GenerationOptions(max_new_tokens=2),
+                      str(tmp_path / "preds"), metrics=("exact_match",), progress=False)
+    rows = [json.loads(line) for line in open(summary["predictions"])]
+    assert len(rows) == 2 and all(isinstance(r["prediction"], str) for r in rows)

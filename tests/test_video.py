@@ -250,3 +250,16 @@ def test_one_frame_count_per_batch_where_the_model_needs_it(clips, tiny_model_di
                              "max_frames": 8}], "train", processor, family, 4096, str(clips)).parts[0]
         batch = family.collate_media([even[0].media, even[1].media])
         assert batch["pixel_values_videos"].shape[:2] == (2, 8)
+
+
+def test_predict_keeps_each_video_prompt_apart(clips, tiny_model_dir, tmp_path):
+    """`mixtune predict`: the same question about two videos is two prompts, each with its own video."""
+    from mixtune.infer.engine import Engine, GenerationOptions
+    from mixtune.infer.predict import predict, read_prompts
+
+    write_jsonl(clips / "p.jsonl", [ask(["right.mp4"]), ask(["left.mp4"], answer="left")])
+    items = read_prompts([entry(clips, "messages", "p.jsonl", max_frames=4)])
+    assert [i.conv.videos for i in items] == [[str(clips / "right.mp4")], [str(clips / "left.mp4")]]
+    summary = predict(Engine.load(tiny_model_dir("qwen2_vl")), items, GenerationOptions(max_new_tokens=2),
+                      str(tmp_path / "preds"), metrics=("exact_match",), progress=False)
+    assert len(open(summary["predictions"]).read().splitlines()) == 2
