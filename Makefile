@@ -21,6 +21,7 @@ demo: install
 	$(VENV)/bin/mixtune demo --output_dir runs/demo
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:

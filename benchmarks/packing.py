@@ -4,7 +4,8 @@ Data: `mixtune make-demo-data` VQA and captions, plus long captions mixed in (a 
 on a tiny Qwen2-VL checkpoint, fp32, SDPA. Samples are encoded once beforehand, so only training is
 timed: forward, backward and an AdamW step over one epoch, `--repeats` times per mode, the two modes'
 epochs alternating in one process (so load from others on a shared CPU falls on both alike); peak RSS
-comes from a separate process per mode running one epoch. Padded: batches of `--batch_size` samples padded to the longest (mixtune's
+comes from a separate process per mode running one epoch. Padded: batches of `--batch_size` samples
+padded to the longest (mixtune's
 PadCollator). Packed: batches of `--rows` rows of up to `--max_length` tokens (first-fit-decreasing).
 
 real_token_fraction: real tokens over row capacity (rows x max_length) for packed; over padded slots for

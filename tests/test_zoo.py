@@ -53,7 +53,8 @@ def media_for(fam):
 
 
 def encoder(fam, processor):
-    render = make_renderer(processor, None, fam.image_placeholder, fam.default_chat_template) if fam.uses_chat_template else None
+    render = (make_renderer(processor, None, fam.image_placeholder, fam.default_chat_template)
+              if fam.uses_chat_template else None)
     encode = fam.encode or encode_with_processor
     make_inputs = fam.generation_inputs or generation_inputs
     return (lambda conv, images: encode(conv, images, processor, render),

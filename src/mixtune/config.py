@@ -40,7 +40,8 @@ class MixtuneArgs:
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
-    benchmark: bool = field(default=False, metadata={"help": "log throughput (samples/s, steps/s) at the end of training"})
+    benchmark: bool = field(default=False, metadata={
+        "help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={
         "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
     eval_with_do_generation: bool = field(default=False, metadata={
@@ -60,7 +61,8 @@ class MixtuneArgs:
     lora_modules_to_save: list[str] | None = field(default=None, metadata={
         "help": "modules trained fully beside the adapters: regexes over module names, or 'projector' / 'vision'"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (peft's use_dora)"})
-    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by alpha/sqrt(r) (peft's use_rslora)"})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "rsLoRA: scale adapters by alpha/sqrt(r) (peft's use_rslora)"})
     tensor_parallel_degree: int = field(default=1, metadata={
         "help": "tensor parallel size: the language model split across this many processes (transformers' tp_plan)"})
     pipeline_parallel_degree: int = field(default=1, metadata={"help": "pipeline parallel size (only 1: use sharding)"})
@@ -323,7 +325,8 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
         for key in ("lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
             if getattr(mix, key):
                 notes.append(f"'{key}' has no effect without 'lora: true'")
-    if mix.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+    if mix.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                       "flex_attention"):
         raise ConfigError(f"unknown attention implementation {mix.attn_implementation!r}", key="attn_implementation")
 
 

@@ -261,7 +261,8 @@ def check_evaluation(mix, value, train_kwargs: dict, base_dir: str, notes: list[
         allowed = eval_metric_names(mix, base_dir)
         name = metric if metric.startswith("eval_") else f"eval_{metric}"
         if name not in allowed:
-            raise ConfigError(f"{metric!r} is no metric of this run (mixtune evaluates losses, and generation scores with eval_with_do_generation); choose one of "
+            raise ConfigError(f"{metric!r} is no metric of this run (mixtune evaluates losses, and generation "
+                              "scores with eval_with_do_generation); choose one of "
                               f"{sorted(allowed)}", key="metric_for_best_model")
 
 

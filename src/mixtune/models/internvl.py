@@ -34,7 +34,8 @@ def build_tiny(output_dir: str) -> str:
     vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=[TILE, TILE], patch_size=[PATCH, PATCH], initializer_range=INIT_STD)
     text = Qwen2Config(**TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+                       pad_token_id=tok.pad_token_id,
+                       rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
                             image_seq_length=IMAGE_SEQ_LENGTH, downsample_ratio=0.5, tie_word_embeddings=True,
                             initializer_range=INIT_STD)

@@ -11,7 +11,8 @@ from mixtune.models.tokenizer import train_tokenizer
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{% set prefix = '' %}"
-    "{% elif message['role'] == 'user' %}{% set prefix = 'USER: ' %}{% else %}{% set prefix = 'ASSISTANT: ' %}{% endif %}"
+    "{% elif message['role'] == 'user' %}{% set prefix = 'USER: ' %}"
+    "{% else %}{% set prefix = 'ASSISTANT: ' %}{% endif %}"
     "{{ prefix }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
@@ -22,7 +23,8 @@ CHAT_TEMPLATE = (
 
 def llama_tokenizer():
     return train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>",
-                           unk_token="<unk>", pad_token="<pad>", model_specific_special_tokens={"image_token": "<image>"})
+                           unk_token="<unk>", pad_token="<pad>",
+                           model_specific_special_tokens={"image_token": "<image>"})
 
 
 def build_tiny(output_dir: str) -> str:

@@ -26,7 +26,8 @@ def build_tiny(output_dir: str) -> str:
     image_processor = LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE},
                                                    image_grid_pinpoints=PINPOINTS)
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
-                                        video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}),
+                                        video_processor=LlavaOnevisionVideoProcessor(
+                                            size={"height": TILE, "width": TILE}),
                                         num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full",
                                         chat_template=chatml_template("<image>\n", video_markup="<video>\n"))
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

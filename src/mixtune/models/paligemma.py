@@ -60,7 +60,8 @@ def build_tiny(output_dir: str) -> str:
                                 image_size=TILE, patch_size=PATCH, projection_dim=64)
     text = GemmaConfig(**TEXT_SIZES, head_dim=16, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    config = PaliGemmaConfig(vision_config=vision, text_config=text,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"),
                              projection_dim=64, hidden_size=64, vocab_size=len(tok))
     model = PaliGemmaForConditionalGeneration(config)
     return save_checkpoint(model, processor, output_dir, tok)

@@ -9,7 +9,10 @@ import os
 from mixtune.errors import MixtuneError
 from mixtune.models.family import Family
 
-FAMILY_MODULES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio"]
+FAMILY_MODULES = [
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl",
+    "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
+]
 
 # Other names users write for a family.
 ALIASES = {"blip2": "blip-2"}
