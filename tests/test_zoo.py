@@ -29,7 +29,8 @@ from mixtune.models.loading import load_model_and_processor
 FAMILIES = [f.name for f in families()]
 
 # What ends an assistant turn in each family's chat template (labelled after each reply).
-END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
+END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
+               "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
 

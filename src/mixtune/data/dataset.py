@@ -240,7 +240,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
     encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
                      grounding=family.grounding)
-    images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video, audio_budget(processor, entry.max_audio_seconds))
+    images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video,
+                       audio_budget(processor, entry.max_audio_seconds))
     options = {**entry_options(entry), "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)

@@ -124,5 +124,5 @@ def generation_inputs(conv: Conversation, images: list, processor, render: Rende
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     text = render(messages, True)
-    return dict(processor(text=[text], **media_inputs(processor, images), add_special_tokens=add_special_tokens(processor, text),
-                          return_tensors="pt"))
+    return dict(processor(text=[text], **media_inputs(processor, images),
+                          add_special_tokens=add_special_tokens(processor, text), return_tensors="pt"))

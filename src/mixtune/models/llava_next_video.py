@@ -16,7 +16,8 @@ PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{% set prefix = '' %}"
-    "{% elif message['role'] == 'user' %}{% set prefix = 'USER: ' %}{% else %}{% set prefix = 'ASSISTANT: ' %}{% endif %}"
+    "{% elif message['role'] == 'user' %}{% set prefix = 'USER: ' %}"
+    "{% else %}{% set prefix = 'ASSISTANT: ' %}{% endif %}"
     "{{ prefix }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
     "{% elif part['type'] == 'video' %}<video>\n"
