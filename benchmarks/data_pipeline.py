@@ -5,6 +5,9 @@ collate) with 0 and N workers, and the tiny model's training steps/s and samples
 The loader is not the bottleneck when its samples/s exceeds the model's. Threads are pinned to 1 per process.
 
     PYTHONPATH=src python benchmarks/data_pipeline.py [--family qwen2_vl] [--images 200] [--batch 8] [--workers 1]
+
+With `--video mp4` (or `--video folders`) the data is `mixtune demo --video`'s moving-square clips (8 frames of
+112x112 each), as mp4 files decoded by PyAV or as frame folders, and the loader line also gives decoded frames/s.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--video", choices=["mp4", "folders"], default=None,
+                        help="benchmark video samples (--images then counts videos)")
     args = parser.parse_args()
 
     from mixtune.data.collate import PadCollator
@@ -68,9 +73,16 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="mixtune_bench_")
     family = get_family(args.family)
     model_dir = family.build_tiny(os.path.join(root, "model"))
-    make_demo_data(os.path.join(root, "data"), n_train_images=args.images, n_val_images=8)
     _, model, processor = load_model_and_processor(model_dir)
-    entries = [{"name": "chatml_dataset", "data_files": os.path.join(root, "data", "train.json")}]
+    frames = 0
+    if args.video:
+        from mixtune.tools.video_demo import FRAMES, VIDEO_KEYS
+
+        entries = [{"name": "chatml_dataset", "data_files": video_data(root, args.images, args.video), **VIDEO_KEYS}]
+        frames = FRAMES
+    else:
+        make_demo_data(os.path.join(root, "data"), n_train_images=args.images, n_val_images=8)
+        entries = [{"name": "chatml_dataset", "data_files": os.path.join(root, "data", "train.json")}]
     cache = os.path.join(root, "cache")
 
     start = time.perf_counter()
@@ -80,17 +92,51 @@ def main() -> None:
     build_split(entries, "train", processor, family, 512, root, cache_dir=cache)
     cached_s = time.perf_counter() - start
     lengths = ds.lengths()
-    collate = PadCollator(processor.tokenizer.pad_token_id)
+    collate = PadCollator(processor.tokenizer.pad_token_id, family.collate_media)
 
-    print(f"\nfamily {family.name}, {len(ds)} demo samples, {sum(lengths) / len(lengths):.0f} tokens/sample "
+    kind = f"video ({args.video}, {frames} frames each)" if args.video else "demo"
+    print(f"\nfamily {family.name}, {len(ds)} {kind} samples, {sum(lengths) / len(lengths):.0f} tokens/sample "
           f"on average, batch {args.batch}, 1 thread per process, {os.cpu_count()} CPUs")
     print(f"length scan, first run:  {scan_s:6.2f} s  ({len(ds) / scan_s:7.1f} samples/s, encodes every sample)")
     print(f"length scan, cached:     {cached_s:6.2f} s  (parse + hash + cache read)")
     for workers in sorted({0, args.workers}):
         rate = loader_rate(ds, collate, args.batch, workers, args.batches)
-        print(f"loader, {workers} worker(s):     {rate:7.1f} samples/s  ({rate / args.batch:6.2f} batches/s)")
+        decoded = f", {rate * frames:7.1f} decoded frames/s" if frames else ""
+        print(f"loader, {workers} worker(s):     {rate:7.1f} samples/s  ({rate / args.batch:6.2f} batches/s{decoded})")
     steps = model_rate(model, ds, collate, args.batch, max(5, args.batches // 3))
     print(f"model train step:        {steps * args.batch:7.1f} samples/s  ({steps:6.2f} steps/s, fwd+bwd+AdamW, fp32)")
+
+
+def video_data(root: str, n: int, kind: str) -> str:
+    """`mixtune demo --video`'s clips; with kind "mp4" each frame folder is also written as an mp4 (PyAV)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mixtune.tools.video_demo import make_video_demo_data
+
+    data = os.path.join(root, "data")
+    make_video_demo_data(data, n_train=n, n_val=4)
+    path = os.path.join(data, "train.json")
+    if kind == "mp4":
+        import av
+
+        records = json.load(open(path))
+        for r in records:
+            folder = os.path.join(data, r["video"])
+            with av.open(folder + ".mp4", "w") as out:
+                stream = out.add_stream("mpeg4", rate=4)
+                stream.width = stream.height = 112
+                stream.pix_fmt = "yuv420p"
+                for name in sorted(os.listdir(folder)):
+                    frame = np.asarray(Image.open(os.path.join(folder, name)).convert("RGB"))
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                out.mux(stream.encode())
+            r["video"] += ".mp4"
+        path = os.path.join(data, "train_mp4.json")
+        json.dump(records, open(path, "w"))
+    return path
 
 
 if __name__ == "__main__":

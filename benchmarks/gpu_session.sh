@@ -17,11 +17,10 @@ check() {  # name, seconds, command...
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"
   grep -E "^RESULT|Error|error:" "$OUT/$name.log" | tail -12
 }
-check infer 150 python3 benchmarks/infer_gpu_check.py
-check demo 200 python3 -m mixtune demo --output_dir /tmp/demo --num_train_epochs 2 --bf16 true --dataloader_num_workers 2
+check infer 100 python3 benchmarks/infer_gpu_check.py
+check demo 120 python3 -m mixtune demo --output_dir /tmp/demo --num_train_epochs 2 --bf16 true --dataloader_num_workers 2
 python3 - <<'PY' 2>/dev/null | sed 's/^/RESULT demo /'
 import json; r = json.load(open("/tmp/demo/demo_report.json"))
 print({k: r[k] for k in r if k not in ("examples",) and not isinstance(r[k], (list, dict))})
 PY
-check packing 120 python3 benchmarks/packing_gpu_check.py
-check scaling 240 python3 benchmarks/scaling_gpu_check.py --layers 4
+check scaling 180 python3 benchmarks/scaling_gpu_check.py --layers 4

@@ -43,7 +43,8 @@ def build_model(folder: str, layers: int) -> tuple[str, int]:
     vision.depth, vision.embed_dim, vision.num_heads, vision.hidden_size, vision.mlp_ratio = 32, 1280, 16, 3584, 4
     config.tie_word_embeddings = False
     torch.set_default_dtype(torch.bfloat16)  # built and saved in bf16: half the disk and time
-    model = Qwen2VLForConditionalGeneration(config)
+    with torch.device("cuda"):  # random init of billions of weights is minutes on the CPU, seconds here
+        model = Qwen2VLForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
     out = os.path.join(folder, "model")
     model.save_pretrained(out)

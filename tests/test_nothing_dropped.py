@@ -26,6 +26,12 @@ def qwen(tiny_model_dir):
     return AutoProcessor.from_pretrained(tiny_model_dir("qwen2_vl")), get_family("qwen2_vl")
 
 
+@pytest.fixture(scope="module")
+def llava(tiny_model_dir):
+    """A family without video support: video samples are refused naming it."""
+    return AutoProcessor.from_pretrained(tiny_model_dir("llava")), get_family("llava")
+
+
 def entry(tmp_path, name, data_files, **keys):
     return DatasetEntry.from_config({"name": name, "data_files": data_files, **keys}, str(tmp_path), "test")
 
@@ -52,55 +58,55 @@ def user_assistant(q="<video>Why is this video funny?", a="Because a baby is rea
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-# ---- videos and audio: refused (not supported yet), never trained with literal placeholders ----
+# ---- videos and audio for a family without them: refused, never trained with literal placeholders ----
 
 MEDIA_CASES = {
     # LLaMA-Factory's mllm_video_demo / mllm_audio_demo / mllm_video_audio_demo
     "video_demo": ("chatml_dataset", {"messages": user_assistant(), "videos": ["mllm_demo_data/1.mp4"]},
-                   "videos", "the sample lists video in 'videos': video inputs are not supported yet"),
+                   "videos", "the sample has 1 video(s): video inputs are not supported by family llava"),
     "audio_demo": ("sharegpt", {"messages": user_assistant("<audio>What's that sound?", "Glass."),
                                 "audios": ["mllm_demo_data/1.mp3"]},
-                   "audios", "audio inputs are not supported yet"),
+                   "audios", "the sample has 1 audio(s): audio inputs are not supported by family llava"),
     "video_audio_demo": ("messages", {"messages": user_assistant("<video><audio>What is it?", "A talk."),
                                       "videos": ["1.mp4"], "audios": ["1.mp3"]},
-                         "videos", "video inputs are not supported yet"),
+                         "videos", "video inputs are not supported by family llava"),
     # a placeholder with no media key at all is still refused
     "llava_placeholder_only": ("llava", {"conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
                                                            {"from": "gpt", "value": "A dog runs."}]},
-                               "videos", "'<video>' placeholder in turn 0: video inputs are not supported yet"),
+                               "videos", "1 '<video>' placeholder(s) but 0 video(s)"),
     "openai_video_url_part": ("sharegpt", {"messages": [
         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "a.mp4"}},
                                      {"type": "text", "text": "What happens?"}]},
         {"role": "assistant", "content": "A dog runs."}]},
-        "messages[0]", "has a 'video_url' part: video inputs are not supported yet"),
+        "videos", "video inputs are not supported by family llava"),
     "openai_input_audio_part": ("sharegpt", {"messages": [
         {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]},
         {"role": "assistant", "content": "Silence."}]},
-        "messages[0]", "has a 'input_audio' part: audio inputs are not supported yet"),
+        "audios", "audio inputs are not supported by family llava"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MEDIA_CASES))
-def test_video_and_audio_samples_are_refused_with_file_index_field(tmp_path, qwen, case):
+def test_video_and_audio_samples_are_refused_with_file_index_field(tmp_path, llava, case):
     reader, record, field, reason = MEDIA_CASES[case]
     image(tmp_path / "red.png")
     write_jsonl(tmp_path / "d.jsonl", [good(reader), record])
     with pytest.raises(DataError) as info:
-        build_split([{"name": reader, "data_files": "d.jsonl"}], "train", *qwen, 512, str(tmp_path))
+        build_split([{"name": reader, "data_files": "d.jsonl"}], "train", *llava, 512, str(tmp_path))
     e = info.value
     assert (e.file, e.index, e.field) == (str(tmp_path / "d.jsonl"), 1, field)
     assert reason in e.reason
 
 
-def test_video_samples_are_counted_under_skip_and_the_rest_trains(tmp_path, qwen):
+def test_video_samples_are_counted_under_skip_and_the_rest_trains(tmp_path, llava):
     image(tmp_path / "red.png")
-    rows = [good(), MEDIA_CASES["video_demo"][1], good(), MEDIA_CASES["llava_placeholder_only"][1], good()]
+    rows = [good(), MEDIA_CASES["video_demo"][1], good(), MEDIA_CASES["openai_video_url_part"][1], good()]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    mix = build_split([{"name": "sharegpt", "data_files": "d.jsonl", "on_bad_sample": "skip"}], "train", *qwen, 512,
+    mix = build_split([{"name": "sharegpt", "data_files": "d.jsonl", "on_bad_sample": "skip"}], "train", *llava, 512,
                       str(tmp_path))
     assert [c.index for c in mix.parts[0].conversations] == [0, 2, 4]
     assert [(r["index"], r["field"]) for r in mix.skipped] == [(1, "videos"), (3, "videos")]
-    assert all("video inputs are not supported yet" in r["reason"] for r in mix.skipped)
+    assert all("video inputs are not supported by family llava" in r["reason"] for r in mix.skipped)
 
 
 def test_hf_videos_column_and_empty_image_are_counted_bad_samples(tmp_path, qwen):

@@ -19,6 +19,7 @@ from mixtune.data.pack import (PACKED_SDPA, PackCollator, PackedDataset, first_f
 from mixtune.errors import ConfigError, DataError
 from mixtune.models import registry
 from mixtune.models.loading import load_model_and_processor
+from video_fixtures import moving_square, write_frame_folder, write_tone, write_video
 
 TOL = 1e-5
 
@@ -43,6 +44,51 @@ def uneven_samples(tmp_path, processor, family, n_text_only: int = 1):
     data = write_json(tmp_path / "train.json", records)
     ds = build_split([{"name": "chatml_dataset", "data_files": data}], "train", processor, family, 4096,
                      str(tmp_path))
+    return [ds[i] for i in range(len(ds))]
+
+
+def uneven_video_samples(tmp_path, processor, family):
+    """Video samples among image and text samples: a file, a frame folder over two turns, a video beside an
+    image, each with its own M-RoPE temporal positions."""
+    write_video(tmp_path / "right.mp4", moving_square(8, "right"))
+    write_frame_folder(tmp_path / "up", moving_square(6, "up"))
+    Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "sq.png")
+    records = [
+        {"messages": [{"role": "user", "content": "<video>Which way?"}, {"role": "assistant", "content": "right"}],
+         "videos": ["right.mp4"]},
+        {"messages": [{"role": "user", "content": "<image>Describe it."},
+                      {"role": "assistant", "content": "a red square on white, " * 4}], "images": ["sq.png"]},
+        {"messages": [{"role": "user", "content": "<video>Which way?"}, {"role": "assistant", "content": "up"},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes, upwards"}],
+         "videos": ["up"]},
+        {"messages": [{"role": "user", "content": "<image><video>Same colour?"},
+                      {"role": "assistant", "content": "yes"}], "images": ["sq.png"], "videos": ["right.mp4"]},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]},
+    ]
+    data = write_json(tmp_path / "video.json", records)
+    ds = build_split([{"name": "messages", "data_files": data, "max_frames": 4}], "train", processor, family, 4096,
+                     str(tmp_path))
+    return [ds[i] for i in range(len(ds))]
+
+
+def uneven_audio_samples(tmp_path, processor, family):
+    """Audio samples of different clip lengths and replies, two turns, text only (for audio-only families)."""
+    write_tone(tmp_path / "low.wav", 440, seconds=1.0)
+    write_tone(tmp_path / "high.wav", 1320, seconds=2.5)
+    records = [
+        {"messages": [{"role": "user", "content": "<audio>Which tone?"}, {"role": "assistant", "content": "low"}],
+         "audios": ["low.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Describe it."},
+                      {"role": "assistant", "content": "a steady high whistle, " * 4}], "audios": ["high.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Which tone?"}, {"role": "assistant", "content": "high"},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes, high"}],
+         "audios": ["high.wav"]},
+        {"messages": [{"role": "user", "content": "<audio>Loud?"}, {"role": "assistant", "content": "no"}],
+         "audios": ["low.wav"]},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]},
+    ]
+    data = write_json(tmp_path / "audio.json", records)
+    ds = build_split([{"name": "messages", "data_files": data}], "train", processor, family, 4096, str(tmp_path))
     return [ds[i] for i in range(len(ds))]
 
 
@@ -76,7 +122,9 @@ EQUALITY_CASES = [
     ("qwen3_vl", "sdpa", False),
     ("llava_next", PACKED_SDPA, False),
     ("llava_onevision", PACKED_SDPA, False),
+    ("llava_next_video", PACKED_SDPA, False),
     ("internvl", PACKED_SDPA, False),
+    ("qwen2_audio", PACKED_SDPA, False),
     ("idefics3", PACKED_SDPA, False),
     ("glm4v", PACKED_SDPA, False),
     ("smolvlm", PACKED_SDPA, False),
@@ -92,12 +140,35 @@ def test_every_family_that_packs_is_proven_exact():
     assert packing == {name for name, _, _ in EQUALITY_CASES}
 
 
-@pytest.mark.parametrize("name,attn,flatten", EQUALITY_CASES)
-def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten):
+# video samples packed: every family that reads video, with the isolations that apply
+VIDEO_EQUALITY_CASES = [
+    ("qwen2_vl", PACKED_SDPA, False, "video"),
+    ("qwen2_vl", "sdpa", True, "video"),
+    ("qwen2_5_vl", PACKED_SDPA, False, "video"),
+    ("qwen3_vl", PACKED_SDPA, False, "video"),
+    ("llava_onevision", PACKED_SDPA, False, "video"),
+    ("llava_next_video", PACKED_SDPA, False, "video"),
+]
+SAMPLES = {"image": uneven_samples, "video": uneven_video_samples, "audio": uneven_audio_samples}
+
+
+def media_of(name: str) -> str:
+    """The equality test's samples for a family: images, or audio for audio-only families."""
+    return "image" if registry.get_family(name).reads_images else "audio"
+
+
+def test_every_family_that_reads_video_is_proven_to_pack_videos_exactly():
+    video = {f.name for f in registry.families() if f.video_placeholder is not None and f.pack_positions}
+    assert video == {name for name, *_ in VIDEO_EQUALITY_CASES}
+
+
+@pytest.mark.parametrize("name,attn,flatten,media", [c + (media_of(c[0]),) for c in EQUALITY_CASES]
+                         + VIDEO_EQUALITY_CASES)
+def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, attn, flatten, media):
     # the reference runs the plain checkpoint (SDPA for mixtune's attention, which is switched on after)
     family, model, processor = load_model_and_processor(model_dirs(name), "sdpa" if attn == PACKED_SDPA else attn)
     model.eval()  # no dropout; gradients still flow
-    samples = uneven_samples(tmp_path, processor, family)
+    samples = SAMPLES[media](tmp_path, processor, family)
     # a sample whose first token carries a label: unpacked it is never a target (nothing precedes it);
     # packed, the collator must mask it or the previous sample's last token would learn to predict it
     samples[1].labels[0] = samples[1].input_ids[0]
@@ -109,7 +180,8 @@ def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, at
     if attn == PACKED_SDPA:
         use_packed_sdpa(model)
         assert model.config.text_config._attn_implementation == PACKED_SDPA
-        assert model.config.vision_config._attn_implementation == "sdpa"
+        encoder = getattr(model.config, "vision_config", None) or model.config.audio_config
+        assert encoder._attn_implementation == "sdpa"
     packed = PackCollator(processor.tokenizer.pad_token_id, partial(family.pack_positions, model), flatten,
                          collate_media=family.collate_media)(packs)
     assert "attention_mask" not in packed and packed["use_cache"] is False

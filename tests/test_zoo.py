@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatch
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +21,7 @@ from mixtune.data.conversation import Conversation, Turn
 from mixtune.data.encode import IGNORE_INDEX, encode_with_processor, generation_inputs
 from mixtune.data.templates import make_renderer
 from mixtune.errors import MixtuneError
+from mixtune.media.audio import Audio
 from mixtune.models.registry import families, get_family
 from mixtune.train.freeze import PARTS, apply_freeze, part_of
 from mixtune.models.loading import load_model_and_processor
@@ -27,16 +29,28 @@ from mixtune.models.loading import load_model_and_processor
 FAMILIES = [f.name for f in families()]
 
 # What ends an assistant turn in each family's chat template (labelled after each reply).
-END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
+END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
+               "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
 
 
-def conversation(reply="red", second=("And the shape?", "a round circle")):
-    turns = [Turn("user", "<image>What colour is it?"), Turn("assistant", reply)]
+def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):
+    turns = [Turn("user", f"<{kind}>What colour is it?"), Turn("assistant", reply)]
     if second:
         turns += [Turn("user", second[0]), Turn("assistant", second[1])]
-    return Conversation(turns=turns, images=["mem"], file="mem.json", index=0)
+    return Conversation(turns=turns, file="mem.json", index=0, **{f"{kind}s": ["mem"]})
+
+
+def media_for(fam):
+    """The family's first media kind and three different inputs of it (the third for the "another input
+    changes the logits" check): images, or tones for audio-only models."""
+    if fam.reads_images:
+        return "image", (Image.new("RGB", (112, 112), (220, 30, 30)), Image.new("RGB", (160, 96), (30, 30, 220)),
+                         Image.new("RGB", (112, 112), (30, 30, 220)))
+    t = np.arange(16000) / 16000
+    tones = [Audio(np.sin(2 * np.pi * hz * t).astype(np.float32) * 0.5, 16000) for hz in (440, 880, 1320)]
+    return "audio", (tones[0], tones[1], tones[2])
 
 
 def encoder(fam, processor):
@@ -87,17 +101,17 @@ def test_family(tiny_model_dir, tmp_path, name):
     assert loaded_fam is fam
     tok = processor.tokenizer
     encode, make_inputs = encoder(fam, processor)
-    red, blue = Image.new("RGB", (112, 112), (220, 30, 30)), Image.new("RGB", (160, 96), (30, 30, 220))
+    kind, (red, blue, third) = media_for(fam)
 
     # labels: exactly each reply plus the end-of-turn marker
     multi_turn = fam.name != "paligemma"  # PaliGemma's prefix/suffix format has one reply per sample
-    enc = encode(conversation(second=("And the shape?", "a round circle") if multi_turn else None), [red])
+    enc = encode(conversation(second=("And the shape?", "a round circle") if multi_turn else None, kind=kind), [red])
     eot = END_OF_TURN.get(fam.name, "<|im_end|>")
     expected = [f"red{eot}", f"a round circle{eot}"] if multi_turn else [f"red{eot}"]
     assert labelled_pieces(enc, tok) == expected
 
     # SFT: 3 steps on a repeated batch of two different samples (different image sizes where supported)
-    other = encode(conversation("blue", second=None), [blue])
+    other = encode(conversation("blue", second=None, kind=kind), [blue])
     collate = PadCollator(tok.pad_token_id if tok.pad_token_id is not None else 0, fam.collate_media)
     batch = collate([enc, other])
     losses = steps(model, batch)
@@ -112,12 +126,12 @@ def test_family(tiny_model_dir, tmp_path, name):
     reprocessor = transformers.AutoProcessor.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
-    inputs = make_inputs(conversation(second=None), [red])
+    inputs = make_inputs(conversation(second=None, kind=kind), [red])
     assert set(inputs) <= set(batch), set(inputs) - set(batch)  # training feeds every input the model gets
     _, regen = encoder(fam, reprocessor)
-    assert set(regen(conversation(second=None), [red])) == set(inputs)
+    assert set(regen(conversation(second=None, kind=kind), [red])) == set(inputs)
     with torch.no_grad():  # the image reaches the language model: another image changes the next-token logits
-        other_image = make_inputs(conversation(second=None), [Image.new("RGB", (112, 112), (30, 30, 220))])
+        other_image = make_inputs(conversation(second=None, kind=kind), [third])
         change = (reloaded(**inputs).logits[0, -1] - reloaded(**other_image).logits[0, -1]).abs().max()
     assert change > 1e-4, change
     generated = reloaded.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
@@ -178,13 +192,14 @@ def test_list_models_prints_every_family(capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("(")}
     # the chat families (contrastive / classification rows: tests/test_tasks.py)
-    rows = {name: row for name, row in rows.items() if row.split()[6] == "chat"}
+    rows = {name: row for name, row in rows.items() if row.split()[7] == "chat"}
     assert sorted(rows) == sorted(FAMILIES)
     for name, row in rows.items():
         cells = row.split()
         # what test_family checks for every registered family: SFT, LoRA, generation
         assert cells[2:4] == ["yes", "yes"] and cells[5] == "yes", row
         assert cells[4] == ("yes" if get_family(name).pack_positions else "no"), row
+        assert cells[6] == ",".join(get_family(name).media_kinds), row
 
 
 def test_instructblip_qformer_never_sees_the_answer(tiny_model_dir):

@@ -64,7 +64,14 @@ def cmd_demo(args, extra) -> int:
 
         print(json.dumps(run_task_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
         return 0
-    report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora, mixtoken=args.mixtoken)
+    if args.video:
+        from mixtune.tools.video_demo import run_video_demo
+
+        report = run_video_demo(args.family, args.output_dir if args.output_dir != "runs/demo" else "runs/demo_video",
+                                parse_overrides(extra))
+    else:
+        report = run_demo(args.family, args.output_dir, parse_overrides(extra), lora=args.lora,
+                          mixtoken=args.mixtoken)
     print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "next_commands")}, indent=1))
     print("\nUse the trained model:\n" + "\n".join(f"  {c}" for c in report["next_commands"]))
     return 0
@@ -196,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
+    p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
     p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification"],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1")
     p.set_defaults(func=cmd_demo, extra_ok=True)

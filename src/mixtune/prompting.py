@@ -43,8 +43,8 @@ class Prompter:
 def prompt_part(conv: Conversation) -> Conversation:
     """The conversation without its trailing assistant turn (the reply to generate, or its reference)."""
     if conv.turns and conv.turns[-1].role == "assistant":
-        return Conversation(turns=conv.turns[:-1], images=conv.images, file=conv.file, index=conv.index,
-                            line=conv.line)
+        return Conversation(turns=conv.turns[:-1], images=conv.images, videos=conv.videos, audios=conv.audios,
+                            file=conv.file, index=conv.index, line=conv.line)
     return conv
 
 

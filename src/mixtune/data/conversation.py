@@ -11,17 +11,16 @@ from dataclasses import dataclass, field
 from mixtune.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"
 ROLES = ("system", "user", "assistant")
 # ms-swift's grounding placeholders, filled from `Conversation.objects` (data/grounding.py)
 REF_PLACEHOLDER = "<ref-object>"
 BOX_PLACEHOLDER = "<bbox>"
-# Media that mixtune cannot train on yet: a sample using them is refused, never trained with its placeholders
-# left in as literal text. Placeholder -> the record keys that list such media.
-UNSUPPORTED_MEDIA = {"<video>": ("videos", "video"), "<audio>": ("audios", "audio")}
 
 
-def media_not_supported(kind: str) -> str:
-    return f"{kind} inputs are not supported yet"
+def media_not_supported(kind: str, family: str | None = None) -> str:
+    return f"{kind} inputs are not supported by family {family}" if family else f"{kind} inputs are not supported yet"
 
 
 @dataclass
@@ -46,6 +45,9 @@ class Objects:
 class Conversation:
     turns: list[Turn]
     images: list[str] = field(default_factory=list)  # absolute paths or data: URIs, in placeholder order
+    # each a video file or frame folder (absolute path) or a list of frame image paths, in `<video>` order
+    videos: list = field(default_factory=list)
+    audios: list[str] = field(default_factory=list)  # absolute paths or data: URIs, in `<audio>` order
     objects: Objects | None = None
     file: str | None = None
     index: int | None = None
@@ -70,10 +72,6 @@ class Conversation:
             if not isinstance(turn.text, str):
                 raise self.error(f"turn {i} content must be a string, got {type(turn.text).__name__}")
             self._check_loss(i, turn)
-            for placeholder, keys in UNSUPPORTED_MEDIA.items():
-                if placeholder in turn.text:
-                    raise self.error(f"'{placeholder}' placeholder in turn {i}: "
-                                     f"{media_not_supported(keys[1])}", keys[0])
         body = self.turns[1:] if self.turns[0].role == "system" else self.turns
         for i, turn in enumerate(body):
             expected = "user" if i % 2 == 0 else "assistant"
@@ -85,17 +83,22 @@ class Conversation:
         if not any(t.role == "assistant" and t.loss is not False for t in body):
             raise self.error("every assistant turn has loss: false; nothing is left to train on", "loss")
         self._check_grounding()
-        n_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in self.turns)
-        if n_placeholders != len(self.images):
-            if n_placeholders == 0 and self.images:
-                # Convention shared with LLaVA and PaddleMIX: images without placeholders go before the
+        # last kind first, so that media without placeholders end up as images, videos, then audio
+        self._match_placeholders(AUDIO_PLACEHOLDER, self.audios, "audio", "audios")
+        self._match_placeholders(VIDEO_PLACEHOLDER, self.videos, "video", "videos")
+        self._match_placeholders(IMAGE_PLACEHOLDER, self.images, "image", "image")
+        return self
+
+    def _match_placeholders(self, placeholder: str, media: list, kind: str, field: str) -> None:
+        n_placeholders = sum(t.text.count(placeholder) for t in self.turns)
+        if n_placeholders != len(media):
+            if n_placeholders == 0 and media:
+                # Convention shared with LLaVA and PaddleMIX: media without placeholders go before the
                 # first user text.
                 first_user = next(t for t in self.turns if t.role == "user")
-                first_user.text = IMAGE_PLACEHOLDER * len(self.images) + first_user.text
+                first_user.text = placeholder * len(media) + first_user.text
             else:
-                raise self.error(f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
-                                 f"{len(self.images)} image(s)", "image")
-        return self
+                raise self.error(f"{n_placeholders} '{placeholder}' placeholder(s) but {len(media)} {kind}(s)", field)
 
     def _check_loss(self, i: int, turn: Turn) -> None:
         if turn.loss is not None and not isinstance(turn.loss, bool):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mixtune.data.badsamples import POLICIES, TOO_LONG, BadSamples
-from mixtune.data.conversation import Conversation
+from mixtune.data.conversation import Conversation, media_not_supported
 from mixtune.data.encode import Encoded, encode_with_processor
 from mixtune.data.formats import expand_data_files, get_reader
 from mixtune.data.formats.jsonstream import DEFAULT_MAX_SAMPLE_BYTES
@@ -27,12 +27,15 @@ from mixtune.data.lengths import cache_key, default_cache_dir, entry_options, me
 from mixtune.data.mix import MixDataset
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError, DataError
+from mixtune.media.audio import Audio, AudioBudget, audio_budget, check_audio_keys, load_audio
+from mixtune.media.video import VIDEO_KEYS, Video, VideoBudget, check_video_keys, load_video
 
 log = logging.getLogger("mixtune")
 
 TRUNCATION = ("drop", "downscale")
 ENTRY_KEYS = {"name", "data_files", "chat_template", "ratio", "repeat", "max_samples", "image_root", "prompt",
-              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields", "max_sample_bytes"}
+              "columns", "min_pixels", "max_pixels", "truncation", "on_bad_sample", "strict_fields", "max_sample_bytes",
+              *VIDEO_KEYS, "max_audio_seconds"}
 # config-wide keys that are defaults for every entry
 ENTRY_DEFAULT_KEYS = ("on_bad_sample", "truncation", "strict_fields", "max_sample_bytes")
 
@@ -55,6 +58,8 @@ class DatasetEntry:
     on_bad_sample: str = "error"  # "error" stops at the first bad sample; "skip" drops and reports it
     strict_fields: bool = False  # a record key the reader does not read is an error, not a warning
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # a bigger JSON record is a bad sample, never parsed
+    video: VideoBudget | None = None  # fps, min/max_frames, video_max_pixels, video_total_pixels
+    max_audio_seconds: float | None = None  # longer clips are bad samples (default: what the model reads)
 
     @classmethod
     def from_config(cls, raw: Any, base_dir: str, where: str, defaults: dict | None = None) -> "DatasetEntry":
@@ -90,6 +95,8 @@ class DatasetEntry:
         check("truncation", lambda v: v in TRUNCATION, f"one of {TRUNCATION}")
         check("on_bad_sample", lambda v: v in POLICIES, f"one of {POLICIES}")
         check("strict_fields", lambda v: isinstance(v, bool), "true or false")
+        check_video_keys(values, where)
+        check_audio_keys(values, where)
         if values.get("ratio") is not None and values.get("repeat") is not None:
             raise ConfigError("give 'ratio' or 'repeat', not both", key=where)
         if values.get("min_pixels") and values.get("max_pixels") and values["min_pixels"] > values["max_pixels"]:
@@ -106,7 +113,8 @@ class DatasetEntry:
                    max_pixels=values.get("max_pixels"), truncation=values.get("truncation") or "drop",
                    on_bad_sample=values.get("on_bad_sample") or "error",
                    strict_fields=bool(values.get("strict_fields")),
-                   max_sample_bytes=values.get("max_sample_bytes") or DEFAULT_MAX_SAMPLE_BYTES)
+                   max_sample_bytes=values.get("max_sample_bytes") or DEFAULT_MAX_SAMPLE_BYTES,
+                   video=VideoBudget.from_entry(values), max_audio_seconds=values.get("max_audio_seconds"))
 
     @property
     def weight(self) -> float | None:
@@ -121,17 +129,26 @@ class DatasetEntry:
 
 @dataclass
 class ImagePrep:
-    """Decodes a sample's images and fits them to the entry's pixel budget (picklable for workers)."""
+    """Decodes a sample's images, then its videos (`Video`s, after the images in the same list), and fits them
+    to the entry's pixel and frame budgets (picklable for workers)."""
     min_pixels: int | None = None
     max_pixels: int | None = None
+    video: VideoBudget | None = None
+    audio: AudioBudget | None = None  # the processor's sampling rate and the clip length limit
 
     def decode(self, conv: Conversation) -> list:
         try:
-            return [load_image(ref) for ref in conv.images]
+            return ([load_image(ref) for ref in conv.images]
+                    + [load_video(ref, self.video or VideoBudget()) for ref in conv.videos]
+                    + [load_audio(ref, self.audio or AudioBudget()) for ref in conv.audios])
         except DataError as e:
             raise DataError(e.reason, file=conv.file, index=conv.index, line=conv.line, field=e.field) from None
 
     def fit(self, img, scale: float = 1.0):
+        if isinstance(img, Audio):  # audio is never shrunk: a clip too long for max_length is dropped
+            return img
+        if isinstance(img, Video):
+            return (self.video or VideoBudget()).fit(img, scale)
         return fit_image(img, self.min_pixels, self.max_pixels, scale)
 
 
@@ -214,7 +231,7 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
                 num_workers: int = 0) -> SFTDataset:
     label = entry.label()
     bad = BadSamples(entry.on_bad_sample, entry=label, strict_fields=entry.strict_fields)
-    conversations = read_entry(entry, bad)
+    conversations = refuse_media(read_entry(entry, bad), family, bad)
     if entry.max_samples is not None:
         conversations = conversations[: entry.max_samples]
     render = (make_renderer(processor, entry.chat_template, family.image_placeholder, family.default_chat_template)
@@ -223,7 +240,8 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
         processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
     encode = partial(_encode, family.encode or encode_with_processor, processor=processor, render=render,
                      grounding=family.grounding)
-    images = ImagePrep(entry.min_pixels, entry.max_pixels)
+    images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video,
+                       audio_budget(processor, entry.max_audio_seconds))
     options = {**entry_options(entry), "family": family.name, "n": len(conversations),
                "skipped_at_parse": [(r["file"], r["index"]) for r in bad.records]}
     files = expand_data_files(entry.data_files, entry.base_dir)
@@ -248,6 +266,22 @@ def build_entry(entry: DatasetEntry, processor, family, max_length: int, process
              label, entry.name, len(kept), too_long, len(bad.records) - too_long, sum(s < 1.0 for s in scales))
     return SFTDataset(kept, encode, max_length, images, lengths, scales, name=label, skipped=bad.records,
                       render=render)
+
+
+def refuse_media(conversations: list[Conversation], family, bad: BadSamples) -> list[Conversation]:
+    """Samples with media the family does not read (videos, audio, or images for an audio model) are bad
+    samples naming the family."""
+    unread = [kind for kind in ("image", "video", "audio") if kind not in family.media_kinds]
+    kept = []
+    for conv in conversations:
+        with bad.catch():
+            for kind in unread:
+                refs = getattr(conv, f"{kind}s")
+                if refs:
+                    raise conv.error(f"the sample has {len(refs)} {kind}(s): {media_not_supported(kind, family.name)}",
+                                     f"{kind}s")
+            kept.append(conv)
+    return kept
 
 
 def build_split(raw_entries: list, split: str, processor, family, max_length: int, base_dir: str, *, seed: int = 0,

@@ -14,9 +14,12 @@ import torch
 
 from mixtune.data.conversation import Conversation
 from mixtune.data.templates import Renderer, to_messages
+from mixtune.media.audio import Audio, processor_audio_inputs
+from mixtune.media.video import Video, processor_video_inputs
 
 IGNORE_INDEX = -100
 _TEXT_ONLY_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets"}
+_MEDIA_KEYS = {"feature_attention_mask"}  # (1, audio frames): media even when a sample has as many tokens
 
 
 @dataclass
@@ -86,17 +89,25 @@ def split_fields(out, length: int) -> tuple[dict, dict]:
     for key, value in out.items():
         if key in _TEXT_ONLY_KEYS or key == "labels" or not isinstance(value, torch.Tensor):
             continue
-        if value.dim() == 2 and value.shape == (1, length):
+        if value.dim() == 2 and value.shape == (1, length) and key not in _MEDIA_KEYS:
             token_fields[key] = value[0]
         else:
             media[key] = value
     return token_fields, media
 
 
+def media_inputs(processor, media: list) -> dict:
+    """The processor's media arguments: images, then decoded videos (`Video`s) and audio clips (`Audio`s)."""
+    images = [m for m in media if not isinstance(m, (Video, Audio))]
+    return {**({"images": images} if images else {}),
+            **processor_video_inputs(processor, [m for m in media if isinstance(m, Video)]),
+            **processor_audio_inputs(processor, [m for m in media if isinstance(m, Audio)])}
+
+
 def encode_with_processor(conv: Conversation, images: list, processor, render: Renderer) -> Encoded:
     messages = to_messages(conv)
     full, spans = assistant_spans(messages, render, conv)
-    out = processor(text=[full], images=images or None, return_offsets_mapping=True,
+    out = processor(text=[full], **media_inputs(processor, images), return_offsets_mapping=True,
                     return_text_replacement_offsets=True, add_special_tokens=add_special_tokens(processor, full),
                     return_tensors="pt")
     input_ids = out["input_ids"][0]
@@ -113,5 +124,5 @@ def generation_inputs(conv: Conversation, images: list, processor, render: Rende
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     text = render(messages, True)
-    return dict(processor(text=[text], images=images or None, add_special_tokens=add_special_tokens(processor, text),
-                          return_tensors="pt"))
+    return dict(processor(text=[text], **media_inputs(processor, images),
+                          add_special_tokens=add_special_tokens(processor, text), return_tensors="pt"))

@@ -103,7 +103,8 @@ def measure(conv: Conversation, decode: Callable, fit: Callable, encode: Callabl
         while length > max_length and downscale and originals:
             trial = scale * DOWNSCALE_STEP
             sized = [fit(img, trial) for img in originals]
-            if min(min(img.size) for img in sized) < MIN_IMAGE_SIDE:
+            # audio clips have no size and are never shrunk: only images and videos count here
+            if min((min(m.size) for m in sized if hasattr(m, "size")), default=0) < MIN_IMAGE_SIDE:
                 break
             shorter = len(encode(conv, sized))
             if shorter >= length:  # the processor's own minimum size is reached

@@ -13,30 +13,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2.exceptions import SecurityError
 
-from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation
+from mixtune.data.conversation import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation
 from mixtune.errors import ConfigError
 
 log = logging.getLogger("mixtune")
 
 Renderer = Callable[[list[dict], bool], str]
+_MEDIA_PARTS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video", AUDIO_PLACEHOLDER: "audio"}
+_MEDIA_SPLIT = re.compile("(" + "|".join(map(re.escape, _MEDIA_PARTS)) + ")")
 
 
 def to_messages(conv: Conversation) -> list[dict]:
-    """Conversation -> messages with content parts, splitting text at each `<image>`."""
+    """Conversation -> messages with content parts, splitting text at each `<image>`, `<video>` and `<audio>`."""
     messages = []
     for turn in conv.turns:
         parts: list[dict] = []
-        pieces = turn.text.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                parts.append({"type": "image"})
-            if piece:
+        for piece in _MEDIA_SPLIT.split(turn.text):
+            if piece in _MEDIA_PARTS:
+                parts.append({"type": _MEDIA_PARTS[piece]})
+            elif piece:
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": turn.role, "content": parts})
     return messages

@@ -21,6 +21,7 @@ from mixtune.data.formats import get_reader
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.infer.engine import Engine, GenerationOptions
 from mixtune.infer.metrics import METRICS, score
+from mixtune.media.audio import audio_budget
 from mixtune.prompting import Prompter, check_prompt, prompt_part, reference_of
 
 log = logging.getLogger("mixtune")
@@ -60,7 +61,8 @@ def read_prompts(entries: list[DatasetEntry]) -> list[PromptItem]:
             log.warning("%s: %d bad sample(s) skipped, e.g. %s", entry.label(), len(bad.records), bad.records[0])
         for conv in convs:
             prompt = prompt_part(conv)
-            key = (id(entry), tuple((t.role, t.text) for t in prompt.turns), tuple(prompt.images))
+            key = (id(entry), tuple((t.role, t.text) for t in prompt.turns), tuple(prompt.images),
+                   str(prompt.videos), tuple(prompt.audios))
             item = items.setdefault(key, PromptItem(prompt, entry))
             refs = conv.answers or ([reference_of(conv)] if reference_of(conv) else [])
             item.references += [r for r in refs if r not in item.references]
@@ -77,7 +79,8 @@ class EntryInputs:
         if (entry.min_pixels or entry.max_pixels) and PixelBudgetProcessor.applies(processor):
             processor = PixelBudgetProcessor(processor, entry.min_pixels, entry.max_pixels)
         self.prompter = Prompter.for_family(engine.family, processor, entry.chat_template or engine.chat_template)
-        self.images = ImagePrep(entry.min_pixels, entry.max_pixels)
+        self.images = ImagePrep(entry.min_pixels, entry.max_pixels, entry.video,
+                                audio_budget(processor, entry.max_audio_seconds))
 
     def __call__(self, conv: Conversation) -> dict:
         return self.prompter.inputs(conv, [self.images.fit(img) for img in self.images.decode(conv)])

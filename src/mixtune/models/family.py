@@ -58,6 +58,12 @@ class Family:
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
     # and coordinate convention (data/grounding.py). The default: plain names and [x1, y1, x2, y2] in 0-1000.
     grounding: GroundingStyle = DEFAULT_STYLE
+    # What one video looks like in rendered prompt text (its chat template's markup for a {"type": "video"}
+    # part); None: the family takes no video, and samples with videos are refused naming the family.
+    video_placeholder: str | None = None
+    # The same for one audio clip (None: no audio); `reads_images` False for audio-only models.
+    audio_placeholder: str | None = None
+    reads_images: bool = True
     # What the family's checkpoints are trained for when the config gives no `task` (mixtune/tasks/).
     task: str = "chat"
     # Named parts, in priority order: ((part, fnmatch globs over parameter names), ...). The first part whose
@@ -66,6 +72,13 @@ class Family:
     parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
     supports_lora: bool = True
+
+
+    @property
+    def media_kinds(self) -> tuple[str, ...]:
+        """What the family's models read besides text: `mixtune list-models` shows it."""
+        return ((("image",) if self.reads_images else ()) + (("video",) if self.video_placeholder is not None else ())
+                + (("audio",) if self.audio_placeholder is not None else ()))
 
     def named_parts(self) -> dict[str, tuple[str, ...]]:
         if self.parts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mixtune.data.collate import pad_and_concat
 from mixtune.data.pack import text_positions
+from mixtune.errors import ConfigError
 from mixtune.models.family import Family
 from mixtune.models.tiny import TEXT_SIZES, chatml_template, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
@@ -28,7 +29,7 @@ def build_tiny(output_dir: str) -> str:
                                         video_processor=LlavaOnevisionVideoProcessor(
                                             size={"height": TILE, "width": TILE}),
                                         num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full",
-                                        chat_template=chatml_template("<image>\n"))
+                                        chat_template=chatml_template("<image>\n", video_markup="<video>\n"))
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=TILE, patch_size=PATCH)
     text = Qwen2Config(**TEXT_SIZES, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
@@ -41,6 +42,17 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(model, processor, output_dir, tok)
 
 
+def collate_media_one_frame_count(media: list[dict]) -> dict:
+    """Tiles zero-padded per batch (`pad_and_concat`); videos must share one frame count, since the model
+    reads `pixel_values_videos` as (videos, frames, ...) and a padded frame would become video tokens."""
+    counts = sorted({m["pixel_values_videos"].shape[1] for m in media if "pixel_values_videos" in m})
+    if len(counts) > 1:
+        raise ConfigError(f"a batch holds videos of {counts} frames, but this model takes one frame count per "
+                          "batch: give the dataset entries min_frames equal to max_frames (shorter videos repeat "
+                          "frames to reach it)", key="dataset.min_frames")
+    return pad_and_concat(media)
+
+
 FAMILY = Family(
     name="llava_onevision",
     model_types=("llava_onevision",),
@@ -48,6 +60,7 @@ FAMILY = Family(
     projector=("model.multi_modal_projector.*", "model.image_newline"),
     image_placeholder="<image>\n",
     build_tiny=build_tiny,
-    collate_media=pad_and_concat,
+    collate_media=collate_media_one_frame_count,
     pack_positions=text_positions,
+    video_placeholder="<video>\n",
 )

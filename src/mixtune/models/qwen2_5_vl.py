@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mixtune.models import qwen2_vl
-from mixtune.models.qwen2_vl import IMAGE_MARKUP, qwen_tokenizer, text_sizes, token_ids
+from mixtune.models.qwen2_vl import IMAGE_MARKUP, VIDEO_MARKUP, qwen_tokenizer, text_sizes, token_ids
 from mixtune.models.tiny import ROPE_THETA, chatml_template, save_checkpoint, seeded
 
 
@@ -18,7 +18,7 @@ def build_tiny(output_dir: str) -> str:
     tok = qwen_tokenizer()
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
                                     tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=chatml_template(IMAGE_MARKUP))
+                                    chat_template=chatml_template(IMAGE_MARKUP, video_markup=VIDEO_MARKUP))
     text = text_sizes(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                             "rope_theta": ROPE_THETA})
     # window 56 px = 2x2 merged tokens; block 1 attends globally, as every 8th block does in the real model

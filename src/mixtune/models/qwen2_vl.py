@@ -14,6 +14,7 @@ from mixtune.models.tiny import INIT_STD, ROPE_THETA, TEXT_SIZES, chatml_templat
 from mixtune.models.tokenizer import train_tokenizer
 
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_MARKUP = "<|vision_start|><|video_pad|><|vision_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
@@ -47,7 +48,7 @@ def build_tiny(output_dir: str) -> str:
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=chatml_template(IMAGE_MARKUP))
+                                 chat_template=chatml_template(IMAGE_MARKUP, video_markup=VIDEO_MARKUP))
     text = text_sizes(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                             "rope_theta": ROPE_THETA})
     vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
@@ -103,5 +104,6 @@ FAMILY = Family(
     image_placeholder=IMAGE_MARKUP,
     build_tiny=build_tiny,
     pack_positions=mrope_positions,
+    video_placeholder=VIDEO_MARKUP,
     grounding=QWEN_STYLE,  # 0-1000 (Qwen2-VL; Qwen3-VL too); Qwen2.5-VL: pixels, in qwen2_5_vl.py
 )

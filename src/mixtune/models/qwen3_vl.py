@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from mixtune.models import qwen2_vl
-from mixtune.models.qwen2_vl import IMAGE_MARKUP, qwen_tokenizer, text_sizes, token_ids
+from mixtune.models.qwen2_vl import IMAGE_MARKUP, VIDEO_MARKUP, qwen_tokenizer, text_sizes, token_ids
 from mixtune.models.tiny import ROPE_THETA, chatml_template, save_checkpoint, seeded
 
 
@@ -20,7 +20,8 @@ def build_tiny(output_dir: str) -> str:
     # 128x128 images -> 8x8 patches of 16 -> 16 tokens after the 2x2 merge
     image_processor = Qwen2VLImageProcessor(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                 video_processor=Qwen3VLVideoProcessor(), chat_template=chatml_template(IMAGE_MARKUP))
+                                 video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=chatml_template(IMAGE_MARKUP, video_markup=VIDEO_MARKUP))
     text = text_sizes(tok, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                          "rope_theta": ROPE_THETA, "mrope_interleaved": True})
     # the learned position grid must be square: 8x8 patches

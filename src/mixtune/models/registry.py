@@ -10,8 +10,8 @@ from mixtune.errors import MixtuneError
 from mixtune.models.family import Family
 
 FAMILY_MODULES = [
-    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl", "blip_2",
-    "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v",
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl",
+    "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "open_clip_family", "coca", "timm_classifier",  # contrastive and classification (tasks/)
 ]
 
@@ -85,10 +85,11 @@ def family_for_checkpoint(model_name_or_path: str) -> Family:
 def support_table() -> str:
     """`mixtune list-models`. SFT, LoRA and generation hold for every registered family because
     tests/test_zoo.py is parametrised over this registry and checks each of them on a tiny checkpoint;
-    packing is read from the family's own `pack_positions`; tests/test_packing.py proves it for each."""
+    packing is read from the family's own `pack_positions`; tests/test_packing.py proves it for each; media
+    (image, video) from `media_kinds`, and tests/test_video.py trains every family that lists video."""
     import importlib.util
 
-    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "task", "notes")]
+    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "media", "task", "notes")]
     for fam in families(task=None):
         notes = []
         if fam.task == "chat" and not fam.uses_chat_template:
@@ -99,7 +100,8 @@ def support_table() -> str:
         packing = "yes" if fam.pack_positions else "no"
         chat = fam.task == "chat"
         lora = "yes" if fam.supports_lora else "no"
-        rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-", fam.task,
+        rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-",
+                     ",".join(fam.media_kinds), fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \

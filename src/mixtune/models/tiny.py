@@ -27,8 +27,9 @@ TEXT_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 
 # A ChatML template for content-part messages, in the style of Qwen's: `image_markup` is what one
-# image becomes in the text.
-def chatml_template(image_markup: str, default_system: str | None = "You are a helpful assistant.") -> str:
+# image becomes in the text (`video_markup`: one video, for families that read video).
+def chatml_template(image_markup: str, default_system: str | None = "You are a helpful assistant.",
+                    video_markup: str | None = None, audio_markup: str | None = None) -> str:
     system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system + "<|im_end|>\n"
               "{% endif %}") if default_system else ""
     return (
@@ -36,6 +37,8 @@ def chatml_template(image_markup: str, default_system: str | None = "You are a h
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_markup +
+        ("{% elif part['type'] == 'video' %}" + video_markup if video_markup else "") +
+        ("{% elif part['type'] == 'audio' %}" + audio_markup if audio_markup else "") +
         "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )

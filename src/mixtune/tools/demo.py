@@ -56,12 +56,15 @@ DEMO_MIXTOKEN = {"mixtoken": True, "per_device_train_batch_size": 1, "num_train_
 
 
 def answer_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 8,
-                    output_dir: str | None = None) -> tuple[float, list[dict]]:
-    """Held-out exact-match accuracy through `mixtune predict`'s own path (same prompts, batched generation)."""
+                    output_dir: str | None = None, video: dict | None = None) -> tuple[float, list[dict]]:
+    """Held-out exact-match accuracy through `mixtune predict`'s own path (same prompts, batched generation);
+    `video`: the entry's video keys (fps, min/max_frames), as training read the videos."""
     from mixtune.infer.engine import Engine, GenerationOptions
     from mixtune.infer.predict import predict, read_prompts
+    from mixtune.media.video import VideoBudget
 
-    items = read_prompts([DatasetEntry(name="chatml_dataset", data_files=data_file)])
+    items = read_prompts([DatasetEntry(name="chatml_dataset", data_files=data_file,
+                                       video=VideoBudget.from_entry(video) if video else None)])
     output_dir = output_dir or os.path.join(model_dir, "predictions")
     summary = predict(Engine.load(model_dir), items, GenerationOptions(max_new_tokens=max_new_tokens), output_dir,
                       batch_size=16, metrics=("exact_match",), progress=False)

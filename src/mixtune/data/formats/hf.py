@@ -57,7 +57,7 @@ def read_hf(entry, bad) -> list[Conversation]:
                 record = {f: row[c] for f, c in columns.items()}
                 note_unknown_keys(record, FIELDS, where, bad)  # keys inside turns, e.g. messages[].name
                 with bad.catch():
-                    refuse_unsupported_media(record, where)
+                    refuse_unsupported_media(record, where, kinds=("video", "audio"))
                     out.append(row_conversation(record, columns, path, base, entry.prompt, where))
                 index += 1
     return out

@@ -2,8 +2,10 @@
 
 - Each reader declares the keys it reads; any other key (also inside turns) is counted and reported once per
   dataset entry, or refused under `strict_fields: true` (`note_unknown_keys`).
-- Videos and audio are not trained on yet: a record listing them is a bad sample (`refuse_unsupported_media`);
-  their `<video>` / `<audio>` placeholders are refused in `Conversation.validate` whatever the format.
+- Videos (`videos` / `video`: paths of video files or frame folders, or lists of frame paths) are read into
+  `Conversation.videos`; a family without video support refuses them when the dataset is built.
+- Audio (`audios` / `audio`: paths or data: URIs) is read into `Conversation.audios` likewise.
+- The `hf` reader takes neither yet: a row with them is a bad sample (`refuse_unsupported_media`).
 - A top-level `system` (ms-swift, LLaMA-Factory) becomes the system turn; ms-swift's per-turn `loss` (and
   OpenAI's per-message `weight`) and its grounding `objects` are carried into the Conversation.
 """
@@ -48,11 +50,11 @@ def note_unknown_keys(record: Any, known, where: dict, bad) -> None:
             bad.ignore_keys(keys, where)
 
 
-def refuse_unsupported_media(record: Any, where: dict) -> None:
+def refuse_unsupported_media(record: Any, where: dict, kinds=()) -> None:
     if not isinstance(record, dict):
         return
     for key, kind in MEDIA_KEYS.items():
-        if record.get(key) not in (None, [], ""):
+        if kind in kinds and record.get(key) not in (None, [], ""):
             raise DataError(f"the sample lists {kind} in '{key}': {media_not_supported(kind)}", field=key, **where)
 
 
@@ -133,7 +135,53 @@ def resolve_refs(refs: list, base: str, field: str, where: dict) -> list[str]:
         raise DataError(str(e), field=field, **where) from None
 
 
-def build_conversation(turns: list[Turn], images: list[str], record: dict, base: str, where: dict) -> Conversation:
+def video_list(record: dict, where: dict) -> list:
+    """The record's `videos` (or `video`): each a path (video file or frame folder) or a list of frame paths."""
+    key = "videos" if "videos" in record else "video" if "video" in record else None
+    if key is None or record[key] in (None, ""):
+        return []
+    refs = record[key]
+    if isinstance(refs, str) or (key == "video" and isinstance(refs, list) and refs
+                                 and all(isinstance(r, str) for r in refs) and all(is_frame(r) for r in refs)):
+        refs = [refs]  # `video` naming one video (a path, or its frame images)
+    if not isinstance(refs, list):
+        raise DataError("must be a path or a list of paths (or of frame-path lists)", field=key, **where)
+    return refs
+
+
+def audio_list(record: dict, where: dict) -> list:
+    """The record's `audios` (or `audio`): paths or data: URIs."""
+    key = "audios" if "audios" in record else "audio" if "audio" in record else None
+    if key is None or record[key] in (None, ""):
+        return []
+    refs = [record[key]] if isinstance(record[key], str) else record[key]
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise DataError("must be a path or a list of paths", field=key, **where)
+    return refs
+
+
+def resolve_audio_refs(refs: list, base: str, where: dict) -> list:
+    try:
+        return [resolve_image_ref(r, base) for r in refs]
+    except ValueError as e:
+        raise DataError(str(e).replace("image", "audio"), field="audios", **where) from None
+
+
+def is_frame(path: str) -> bool:
+    return path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+
+
+def resolve_video_refs(refs: list, base: str, where: dict) -> list:
+    """Paths resolved like images' (relative to the data file or image_root); frame lists path by path."""
+    try:
+        return [[resolve_image_ref(f, base) for f in r] if isinstance(r, list) else resolve_image_ref(r, base)
+                for r in refs]
+    except ValueError as e:
+        raise DataError(str(e).replace("image", "video"), field="videos", **where) from None
+
+
+def build_conversation(turns: list[Turn], images: list[str], record: dict, base: str, where: dict,
+                       videos: list | None = None, audios: list | None = None) -> Conversation:
     """The record's turns and resolved images, plus what every format shares: the top-level system prompt,
     Qwen-VL's inline `<img>path</img>` images and ms-swift's grounding objects."""
     turns, tagged = inline_image_tags(turns)
@@ -141,5 +189,9 @@ def build_conversation(turns: list[Turn], images: list[str], record: dict, base:
         raise DataError("images are given both as <img>...</img> tags in the text and in an image list; use one",
                         field="images", **where)
     images = images or resolve_refs(tagged, base, "<img>", where)
-    return Conversation(turns=with_system(turns, record, where), images=images,
+    if videos is None:
+        videos = resolve_video_refs(video_list(record, where), base, where)
+    if audios is None:
+        audios = resolve_audio_refs(audio_list(record, where), base, where)
+    return Conversation(turns=with_system(turns, record, where), images=images, videos=videos, audios=audios,
                         objects=parse_objects(record, where), **where)

@@ -13,19 +13,25 @@ ms-swift's `"loss": false` (or OpenAI's `"weight": 0`). The legacy shapes of for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from mixtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Turn, media_not_supported
+from mixtune.data.conversation import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, Turn
 from mixtune.data.formats import read_json_samples, register
 from mixtune.data.formats.legacy import legacy_turns
-from mixtune.data.formats.records import CONVERSATION_KEYS, build_conversation, resolve_refs, turn_loss
+from mixtune.data.formats.records import (CONVERSATION_KEYS, audio_list, build_conversation, resolve_audio_refs,
+                                          resolve_refs, resolve_video_refs, turn_loss, video_list)
 from mixtune.errors import DataError
 
 # ShareGPT / LLaVA speaker names -> our roles. Anything else is kept as is, and validation rejects it.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TURN_KEYS = ("messages", "conversations")
-# OpenAI content parts carrying media mixtune cannot train on yet
-MEDIA_PARTS = {"video": "video", "video_url": "video", "input_audio": "audio", "audio": "audio", "audio_url": "audio"}
+# an audio part: OpenAI's {"type": "input_audio", "input_audio": {"data": base64, "format": "wav"}}, or a
+# reference {"type": "audio_url", "audio_url": {"url": ...}} / {"type": "audio", "audio": "a.wav"}
+AUDIO_PARTS = ("input_audio", "audio", "audio_url")
+# a video part's reference: {"type": "video_url", "video_url": {"url": ...}} (OpenAI style) or Qwen's
+# {"type": "video", "video": "a.mp4" | [frame paths]}
+VIDEO_PARTS = ("video", "video_url")
 
 
 @register("sharegpt", "messages")
@@ -45,11 +51,37 @@ def conversation_from_record(record: Any, base_dir: str, where: dict, turn_keys=
         legacy = (" (or the legacy shapes: query/response, conversation pairs, instruction/output)"
                   if turn_keys == TURN_KEYS else "")
         raise DataError(f"missing field: expected one of {list(turn_keys)}{legacy}", field=turn_keys[0], **where)
+    inline_media = [r for r in inline if isinstance(r, InlineMedia)]
+    inline, inline_videos = split_inline(inline)
     listed = image_list(record, where)
     if inline and listed:
         raise DataError("images are given both inside the messages and in an 'images' list; use one",
                         field="images", **where)
-    return build_conversation(turns, resolve_refs(inline or listed, base_dir, "images", where), record, base_dir, where)
+    listed_videos = video_list(record, where)
+    if inline_videos and listed_videos:
+        raise DataError("videos are given both inside the messages and in a 'videos' list; use one",
+                        field="videos", **where)
+    videos = resolve_video_refs(inline_videos or listed_videos, base_dir, where)
+    inline_audios = [r.ref for r in inline_media if r.kind == "audio"]
+    listed_audios = audio_list(record, where)
+    if inline_audios and listed_audios:
+        raise DataError("audio is given both inside the messages and in an 'audios' list; use one",
+                        field="audios", **where)
+    audios = resolve_audio_refs(inline_audios or listed_audios, base_dir, where)
+    return build_conversation(turns, resolve_refs(inline or listed, base_dir, "images", where), record, base_dir, where,
+                              videos=videos, audios=audios)
+
+
+def split_inline(refs: list) -> tuple[list, list]:
+    """Inline references found in content parts -> (image refs, video refs); others come wrapped."""
+    images = [r for r in refs if not isinstance(r, InlineMedia)]
+    return images, [r.ref for r in refs if isinstance(r, InlineMedia) and r.kind == "video"]
+
+
+@dataclass
+class InlineMedia:
+    kind: str  # "video" or "audio"
+    ref: Any
 
 
 def parse_turns(messages: Any, key: str, where: dict) -> tuple[list[Turn], list]:
@@ -89,13 +121,35 @@ def content_text(content: Any, inline: list, name: str, where: dict) -> str:
             if ref is not None:
                 inline.append(ref)
             text.append(IMAGE_PLACEHOLDER)
-        elif kind in MEDIA_PARTS:
-            raise DataError(f"{name} has a '{kind}' part: {media_not_supported(MEDIA_PARTS[kind])}", field=name,
-                            **where)
+        elif kind in VIDEO_PARTS:
+            ref = part.get(kind, part.get("url", part.get("path")))
+            if isinstance(ref, dict):
+                ref = ref.get("url")
+            if ref is None:
+                raise DataError(f"{name} has a '{kind}' part without a video reference", field=name, **where)
+            inline.append(InlineMedia("video", ref))
+            text.append(VIDEO_PLACEHOLDER)
+        elif kind in AUDIO_PARTS:
+            inline.append(InlineMedia("audio", audio_part_ref(part, kind, name, where)))
+            text.append(AUDIO_PLACEHOLDER)
         else:
-            raise DataError(f"{name} has a content part of unknown type {kind!r}; expected text, image or "
-                            "image_url", field=name, **where)
+            raise DataError(f"{name} has a content part of unknown type {kind!r}; expected text, image, "
+                            "image_url, video, video_url, input_audio, audio or audio_url", field=name, **where)
     return "".join(text)
+
+
+def audio_part_ref(part: dict, kind: str, name: str, where: dict) -> str:
+    """An audio part's reference; OpenAI's inline base64 becomes a data: URI."""
+    value = part.get(kind, part.get("url", part.get("path")))
+    if kind == "input_audio":
+        if not (isinstance(value, dict) and isinstance(value.get("data"), str)):
+            raise DataError(f"{name}: an input_audio part needs {{'data': base64, 'format': ...}}", field=name, **where)
+        return f"data:audio/{value.get('format') or 'wav'};base64,{value['data']}"
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str):
+        raise DataError(f"{name} has a '{kind}' part without an audio reference", field=name, **where)
+    return value
 
 
 def image_list(record: dict, where: dict) -> list:

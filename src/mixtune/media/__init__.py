@@ -1,0 +1,1 @@
+"""Decoding media: video (and later audio) references into what processors take."""
