@@ -369,3 +369,27 @@ def test_eva_clip_trains_and_reloads_in_open_clip(shapes, tmp_path):
         mine = trainer.model(batch["pixel_values"], batch["input_ids"], return_loss=False)
         got = reloaded(batch["pixel_values"], batch["input_ids"])
     assert torch.allclose(got["image_features"], mine.image_embeds, atol=1e-6, rtol=0)
+
+
+def test_coca_caption_metric_scores_its_generated_captions(tiny_model_dir, shapes, tmp_path):
+    """A tiny CoCa run's eval logs eval_caption_bleu4 / rouge_l / cider, and they are the metrics module's
+    scores of the captions CoCa generates (greedily, so twice the same) against each image's eval captions."""
+    from mixtune.infer.metrics import caption_scores
+    from mixtune.tasks.caption_eval import generate_captions
+    from mixtune.train.run import build_trainer
+
+    trainer = build_trainer(config(tmp_path, tiny_model_dir("coca"), shapes, pairs_entry(), pairs_entry(),
+                                   max_steps=12, learning_rate=2e-3))
+    trainer.train()
+    metrics = trainer.evaluate()
+    coca, tokenizer = trainer.model.model, trainer.data_collator.tokenizer.tokenizer
+    captions, references = generate_captions(coca, trainer.eval_dataset, tokenizer)
+    assert len(captions) == 12 and all(captions), captions  # one non-empty caption per distinct image
+    assert references == [[json.loads(line)["caption"]] for line in (shapes / "pairs.jsonl").read_text().splitlines()]
+    expected = caption_scores(captions, references)
+    for name in ("bleu4", "rouge_l", "cider"):
+        assert metrics[f"eval_caption_{name}"] == pytest.approx(expected[name], abs=1e-12), (name, captions)
+    logged = [h for h in trainer.state.log_history if "eval_caption_cider" in h]
+    assert logged and logged[-1]["eval_caption_cider"] == metrics["eval_caption_cider"]
+    # the trained decoder has learned something of the captions: better than no overlap at all
+    assert metrics["eval_caption_rouge_l"] > 0, captions

@@ -254,7 +254,7 @@ def gathered_pair_loss(model, base, inputs: dict) -> torch.Tensor:
 
 class ContrastiveTrainer(MixTrainer):
     """The model's own contrastive loss (across ranks when data parallel); evaluation adds zero-shot retrieval
-    recall (eval_t2i_r1, ...)."""
+    recall (eval_t2i_r1, ...) and, for CoCa, the caption metric of its generated captions (eval_caption_*)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.world_size <= 1 or return_outputs or not model.training:
@@ -302,6 +302,13 @@ class ContrastiveTrainer(MixTrainer):
         recall = retrieval_recall(*embed(self.model, dataset, self.data_collator,
                                          self.args.per_device_eval_batch_size))
         recall = {f"{metric_key_prefix}_{k}": v for k, v in recall.items()}
+        open_clip_model = self._open_clip()
+        if open_clip_model is not None and open_clip_model.is_coca:  # CoCa's caption metric (caption_eval.py)
+            from mixtune.tasks.caption_eval import caption_metrics
+
+            captions = caption_metrics(open_clip_model.model, dataset, self.data_collator.tokenizer.tokenizer,
+                                       self.args.per_device_eval_batch_size)
+            recall.update({f"{metric_key_prefix}_{k}": v for k, v in captions.items()})
         self.log(recall)
         metrics.update(recall)
         return metrics
