@@ -145,6 +145,12 @@ def tiny_builder(model_cfg: dict):
         name = f"mixtune-tiny-{abs(hash(json.dumps(model_cfg, sort_keys=True)))}"
         open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # open_clip builds from registered configs
         model = open_clip.create_model(name)
+        if hasattr(model, "text_decoder"):
+            # open_clip 3.3's MultimodalTransformer never calls its init_parameters() (which would fail: it reads
+            # self.transformer), so CoCa's text_decoder.text_projection stays torch.empty memory (0, 1e-40 or
+            # 1e30 by allocator history: the tiny CoCa's loss exploded depending on what ran before). Its
+            # intended init:
+            nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
         OpenClipForTraining(model, model_cfg).save(output_dir)
         return output_dir
     return build_tiny
@@ -186,5 +192,4 @@ COCA = Family(
     auto_class="",
     task="contrastive",
     parts=(("vision", VISION), ("text", TEXT_TOWER), ("decoder", ("model.text_decoder.*",))),
-    supports_lora=False,  # measured: under peft the tiny CoCa's loss intermittently explodes (tasks/contrastive.py)
 )

@@ -90,7 +90,6 @@ def load(mix, family):
         from mixtune.models.open_clip_family import load_open_clip
 
         if mix.lora and not family.supports_lora:
-            # measured: under peft, the tiny CoCa's loss intermittently explodes (1e18+, infinite gradients)
             raise ConfigError(f"LoRA on {family.name} is not supported yet; train it fully (freeze_vision / "
                               "freeze_text to train fewer weights)", key="lora")
         family.check_requires()
