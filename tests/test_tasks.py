@@ -83,7 +83,7 @@ def test_contrastive_trains_and_reloads_in_transformers(family, tiny_model_dir, 
         assert torch.allclose(got["image_features"], mine.image_embeds, atol=1e-6, rtol=0)
         assert torch.allclose(got["text_features"], mine.text_embeds, atol=1e-6, rtol=0)
         return
-    model_class = getattr(transformers, {"clip": "CLIPModel", "siglip": "SiglipModel"}[family])
+    model_class = getattr(transformers, {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[family])
     reloaded = model_class.from_pretrained(out).eval()
     transformers.AutoProcessor.from_pretrained(out)  # the processor travels with the model
     with torch.no_grad():
@@ -237,7 +237,8 @@ def test_task_follows_the_checkpoint_and_refuses_mismatches(tiny_model_dir, shap
     table = support_table()
     assert [line.split()[3] for line in table.splitlines() if line.startswith("coca ")] == ["yes"]  # LoRA column
     assert all(any(line.split()[:1] == [f] and t in line for line in table.splitlines())
-               for f, t in (("clip", "contrastive"), ("siglip", "contrastive"), ("timm", "classification"),
+               for f, t in (("clip", "contrastive"), ("siglip", "contrastive"), ("siglip2", "contrastive"),
+                            ("timm", "classification"),
                             ("qwen2_vl", "chat")))
 
 
@@ -276,7 +277,8 @@ def _gathered_rank(rank: int, world: int, model_dir: str, batch_file: str, out_f
 
 
 # two spawned processes cost ~15 s: SigLIP's run is in the slow suite
-@pytest.mark.parametrize("family", ["clip", pytest.param("siglip", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["clip", pytest.param("siglip", marks=pytest.mark.slow),
+                                    pytest.param("siglip2", marks=pytest.mark.slow)])
 def test_negatives_gathered_across_two_ranks_equal_one_process(family, tiny_model_dir, shapes, tmp_path):
     import torch.multiprocessing as mp
     import transformers

@@ -50,6 +50,14 @@ def read_pairs(entry, bad) -> list[PairSample]:
     return pairs
 
 
+# what an image processor gives the model: SigLIP2's NaFlex adds the patch mask and each image's patch grid
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
+def stack_images(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in IMAGE_INPUTS if k in items[0]}
+
+
 @dataclass
 class PairPrep:
     """Decodes a pair's image into pixel values (picklable for loader workers); text is tokenised per batch."""
@@ -60,8 +68,9 @@ class PairPrep:
             image = load_image(pair.image)
         except DataError as e:
             raise DataError(e.reason, file=pair.file, index=pair.index, line=pair.line, field="image") from None
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "text": pair.text, "image_key": pair.image}
+        processed = self.image_processor(images=image, return_tensors="pt")
+        pixels = {k: processed[k][0] for k in IMAGE_INPUTS if k in processed}
+        return {**pixels, "text": pair.text, "image_key": pair.image}
 
 
 @dataclass
@@ -73,8 +82,7 @@ class PairCollator:
     def __call__(self, batch: list[dict]) -> dict:
         text = self.tokenizer([b["text"] for b in batch], padding="max_length" if self.pad_to_max_length else True,
                               truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = {"input_ids": text["input_ids"], "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
-               "return_loss": True}
+        out = {"input_ids": text["input_ids"], **stack_images(batch), "return_loss": True}
         if not self.pad_to_max_length:  # SigLIP is trained without a text attention mask
             out["attention_mask"] = text["attention_mask"]
         return out
@@ -124,7 +132,7 @@ def build_data(config, family, model, processor) -> TaskData:
              len(evals) if evals else 0, len(zero_shot))
     # SigLIP pools the last position and open_clip uses a fixed context: texts padded to the full length
     collator = PairCollator(processor.tokenizer, text_max_length(model, config.mix),
-                            family.name in ("siglip", *OPEN_CLIP_FAMILIES))
+                            family.name in ("siglip", "siglip2", *OPEN_CLIP_FAMILIES))
     return TaskData(train=train, eval=eval_argument(evals), collator=collator, trainer_class=ContrastiveTrainer,
                     skipped=train.skipped + (evals.skipped if evals is not None else []),
                     trainer_attrs={"zero_shot": zero_shot})
@@ -149,7 +157,7 @@ class LabelledImagePrep:
 
     def __call__(self, sample) -> dict:
         pixels = PairPrep(self.image_processor)(PairSample(sample.image, "", sample.file, sample.index, sample.line))
-        return {"pixel_values": pixels["pixel_values"], "label": str(sample.label)}
+        return {**{k: pixels[k] for k in IMAGE_INPUTS if k in pixels}, "label": str(sample.label)}
 
 
 def zero_shot_sets(config, raw: list, image_processor) -> list[ZeroShotSet]:
@@ -183,7 +191,7 @@ def zero_shot_top1(model, collator, zero_shot: ZeroShotSet, batch_size: int = 32
     for start in range(0, len(zero_shot.dataset), batch_size):
         items = [zero_shot.dataset[i] for i in range(start, min(start + batch_size, len(zero_shot.dataset)))]
         inputs = {"input_ids": text["input_ids"].to(device), "return_loss": False,
-                  "pixel_values": torch.stack([it["pixel_values"] for it in items]).to(device)}
+                  **{k: v.to(device) for k, v in stack_images(items).items()}}
         if not collator.pad_to_max_length:
             inputs["attention_mask"] = text["attention_mask"].to(device)
         best = model(**inputs).logits_per_image.argmax(-1).cpu()
