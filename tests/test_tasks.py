@@ -83,7 +83,8 @@ def test_contrastive_trains_and_reloads_in_transformers(family, tiny_model_dir, 
         assert torch.allclose(got["image_features"], mine.image_embeds, atol=1e-6, rtol=0)
         assert torch.allclose(got["text_features"], mine.text_embeds, atol=1e-6, rtol=0)
         return
-    model_class = getattr(transformers, {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[family])
+    classes = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+    model_class = getattr(transformers, classes[family])
     reloaded = model_class.from_pretrained(out).eval()
     transformers.AutoProcessor.from_pretrained(out)  # the processor travels with the model
     with torch.no_grad():
