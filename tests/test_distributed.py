@@ -526,3 +526,27 @@ def test_sharding_without_a_launcher_runs_one_process_under_torchrun(single, tin
     assert "torch.distributed.run --standalone --nproc_per_node 1" in run.stderr
     assert "ZeRO-3 with CPU offload" in run.stderr
     assert_same_training(ref_out, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", [None, "stage3"])
+def test_generation_eval_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path, sharding):
+    """DDP deals the prompts' batches out to the ranks; ZeRO-3 answers them in lockstep (every forward gathers
+    weights from both ranks): either way the same predictions and scores as one process, written once."""
+    from mixtune.train.run import train
+
+    model = tiny_model_dir("qwen2_vl")
+    records = json.load(open(varied_data(tmp_path)))
+    val = write_json(tmp_path / "val.json", records[:5])
+    common = dict(eval_strategy="steps", eval_steps=3, eval_with_do_generation=True, generation_max_new_tokens=3,
+                  per_device_eval_batch_size=2,
+                  dataset={"train": [{"name": "chatml_dataset", "data_files": str(tmp_path / "train.json")}],
+                           "eval": [{"name": "chatml_dataset", "data_files": val}]})
+    train(load_config(config(tmp_path, model, "one", **common)))
+    run = launch(config(tmp_path, model, "two", **common, **({"sharding": sharding} if sharding else {})))
+    assert run.returncode == 0, run.stderr[-3000:]
+    step = os.path.join("generation_eval", "step-3", "predictions.jsonl")
+    one, two = (open(tmp_path / o / step).read() for o in ("one", "two"))
+    assert one == two and one.count("\n") == 5
+    a, b = (json.load(open(tmp_path / o / "metrics.json"))["final"] for o in ("one", "two"))
+    assert a["eval_exact_match"] == b["eval_exact_match"] and a["eval_rouge_l"] == b["eval_rouge_l"]
