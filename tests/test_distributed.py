@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -422,9 +423,9 @@ def test_paddlemix_sharding_keys_run_as_zero2(monkeypatch):
     assert kwargs["deepspeed"]["zero_optimization"]["stage"] == 2
 
 
-def test_tensor_parallel_needs_gpus_and_a_tp_plan(monkeypatch, tmp_path):
-    with pytest.raises(ConfigError, match="tensor parallel runs on GPUs only"):
-        translate(monkeypatch, 2, tensor_parallel_degree=2)
+def test_tensor_parallel_needs_a_tp_plan_and_on_cpu_every_process(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="on the CPU tensor parallel must span every process"):
+        translate(monkeypatch, 4, tensor_parallel_degree=2)
     write_json(tmp_path / "config.json", {"model_type": "blip-2"})
     from mixtune.config import MixtuneArgs
 
@@ -550,3 +551,16 @@ def test_generation_eval_on_two_ranks_equals_one_process(tiny_model_dir, tmp_pat
     assert one == two and one.count("\n") == 5
     a, b = (json.load(open(tmp_path / o / "metrics.json"))["final"] for o in ("one", "two"))
     assert a["eval_exact_match"] == b["eval_exact_match"] and a["eval_rouge_l"] == b["eval_rouge_l"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(single, tiny_model_dir, tmp_path):
+    """transformers' tp_plan splits Qwen2-VL's language model over 2 gloo ranks, each seeing the whole batch
+    of 4: per-step loss and final (consolidated) weights equal one process with batch 4."""
+    ref_folder, ref_out = single
+    run = launch(config(tmp_path, tiny_model_dir("qwen2_vl"), "out", tensor_parallel_degree=2),
+                 "--per_device_train_batch_size", "4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    split = re.search(r"tensor parallel: (\d+) of (\d+) weight tensors split across 2 ranks", run.stderr)
+    assert split and int(split.group(1)) > 0, run.stderr[-3000:]  # the layers really were split
+    assert_same_training(ref_out, tmp_path / "out")

@@ -19,7 +19,7 @@ from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
 from mixtune.infer.generate_eval import generation_eval_callbacks
 from mixtune.models.loading import load_model_and_processor
-from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first, split_parameters
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
@@ -96,6 +96,9 @@ def build_trainer(config: Config):
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
                                                         tp_size=mix.tensor_parallel_degree)
+    if mix.tensor_parallel_degree > 1:
+        log.info("tensor parallel: %d of %d weight tensors split across %d ranks", *split_parameters(model),
+                 mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
     try:
