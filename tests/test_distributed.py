@@ -564,3 +564,26 @@ def test_tensor_parallel_two_ranks_on_cpu_equal_one_process(single, tiny_model_d
     split = re.search(r"tensor parallel: (\d+) of (\d+) weight tensors split across 2 ranks", run.stderr)
     assert split and int(split.group(1)) > 0, run.stderr[-3000:]  # the layers really were split
     assert_same_training(ref_out, tmp_path / "out")
+
+
+def _fsdp_on_cpu_rank(rank: int, port: int, folder: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_FSDP="true")
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    with open(os.path.join(folder, f"type{rank}"), "w") as f:
+        f.write(str(accelerator.distributed_type))
+
+
+def test_accelerate_still_runs_no_fsdp_on_cpu_processes_so_mixtune_refuses_it(tmp_path):
+    """The premise of the FSDP refusal on the CPU: given an FSDP2 plugin (and ACCELERATE_USE_FSDP), accelerate
+    sets up 2 CPU processes as plain multi-CPU data parallel. When a release enables FSDP there, this fails and
+    the refusal in distributed.check_fsdp_device can go."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_on_cpu_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"type{r}").read_text() for r in (0, 1)] == ["DistributedType.MULTI_CPU"] * 2
