@@ -134,7 +134,8 @@ def test_zero_two_ranks_equal_one_process_and_output_loads_in_transformers(singl
     assert f"DeepSpeed ZeRO-{stage[-1]}" in run.stderr
     assert_same_training(ref_out, tmp_path / "out")
     assert run.stdout.count('"train_loss"') == 1  # the final metrics are printed by the main process only
-    assert "[rank 1] " not in run.stderr  # replicas log no progress lines
+    # replicas log no progress lines (other libraries' warnings, e.g. bitsandbytes' on import, may appear)
+    assert not [line for line in run.stderr.splitlines() if line.startswith("[rank 1] ") and " mixtune: " in line]
     # the consolidated output (ZeRO-3 gathers its shards on save) is a plain transformers folder
     image = str(tmp_path / "img0.png")
     assert (logits_of(str(tmp_path / "out"), image) - logits_of(ref_out, image)).abs().max() < 1e-4
