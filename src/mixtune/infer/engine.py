@@ -110,6 +110,9 @@ class Engine:
         self.prompter = prompter or Prompter.for_family(family, processor, chat_template)
         self.name = name
         self.lock = threading.Lock()  # one generate() at a time on the model
+        # True where the model's parameters are sharded across processes (ZeRO-3, FSDP, tensor parallel): every
+        # process then keeps stepping until all have finished, since each forward gathers from every process
+        self.synced_gpus: bool | None = None
         pad = self.tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -161,6 +164,8 @@ class Engine:
         with self.lock:
             if options.seed is not None:
                 torch.manual_seed(options.seed)
+            if self.synced_gpus is not None:
+                kwargs["synced_gpus"] = self.synced_gpus
             out = self.model.generate(**batch, **kwargs, pad_token_id=self.pad_token_id)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         prompt_lengths = [int(r["input_ids"].shape[1]) for r in rows]

@@ -88,34 +88,60 @@ class EntryInputs:
 
 def predict(engine: Engine, items: list[PromptItem], options: GenerationOptions, output_dir: str,
             batch_size: int = 8, metrics=METRICS, progress: bool = True) -> dict:
+    records = answer_items(engine, items, options, batch_size, progress=progress)
+    return write_predictions(records, items, output_dir, metrics)
+
+
+def answer_items(engine: Engine, items: list[PromptItem], options: GenerationOptions, batch_size: int = 8,
+                 batches: list[int] | None = None, progress: bool = True, before_batch=None) -> list[dict]:
+    """The prediction records of `items`, answered `batch_size` at a time; `batches` picks which of those
+    batches (by number) to answer, so that several processes can share the work while every batch stays
+    exactly the batch one process would form. `before_batch(error)` is called with each batch's input
+    preparation outcome (None: fine) before it is generated."""
     from tqdm.auto import tqdm
 
-    os.makedirs(output_dir, exist_ok=True)
     inputs_for: dict[int, EntryInputs] = {}
-    predictions = []
-    path = os.path.join(output_dir, "predictions.jsonl")
-    with open(path, "w", encoding="utf-8") as f, tqdm(total=len(items), desc="predicting", disable=not progress) as bar:
-        for start in range(0, len(items), batch_size):
+    records = []
+    starts = list(range(0, len(items), batch_size))
+    chosen = range(len(starts)) if batches is None else batches
+    with tqdm(total=len(items), desc="predicting", disable=not progress) as bar:
+        for number in chosen:
+            start = starts[number]
             chunk = items[start: start + batch_size]
-            rows = []
-            for item in chunk:
-                make = inputs_for.setdefault(id(item.entry), EntryInputs(engine, item.entry))
-                rows.append(make(item.conv))
+            rows, error = [], None
+            try:
+                for item in chunk:
+                    make = inputs_for.setdefault(id(item.entry), EntryInputs(engine, item.entry))
+                    rows.append(make(item.conv))
+            except Exception as e:  # reported through before_batch, then raised
+                error = e
+            if before_batch is not None:
+                before_batch(error)
+            if error is not None:
+                raise error
             for i, (item, gen) in enumerate(zip(chunk, engine.generate(rows, options))):
-                prediction = gen.text.strip()
-                predictions.append(prediction)
                 record = {"id": f"{item.entry.label()}-{start + i}",
                           "prompt": inputs_for[id(item.entry)].prompter.text(item.conv),
                           "images": item.conv.images if all(len(r) < 512 for r in item.conv.images) else None,
-                          "prediction": prediction,
+                          "prediction": gen.text.strip(),
                           "reference": item.references[0] if item.references else None,
                           "references": item.references,
                           "file": item.sources[0][0], "index": item.sources[0][1],
                           "indices": [s[1] for s in item.sources] if len(item.sources) > 1 else None,
                           "finish_reason": gen.finish_reason, "completion_tokens": gen.completion_tokens}
-                f.write(json.dumps({k: v for k, v in record.items() if v is not None}, ensure_ascii=False) + "\n")
+                records.append({k: v for k, v in record.items() if v is not None})
             bar.update(len(chunk))
-    scores = score(predictions, [it.references for it in items], metrics)
+    return records
+
+
+def write_predictions(records: list[dict], items: list[PromptItem], output_dir: str, metrics=METRICS) -> dict:
+    """`predictions.jsonl` (and `metrics.json` when references exist) from every item's record, in order."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "predictions.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    scores = score([r["prediction"] for r in records], [it.references for it in items], metrics)
     summary = {"predictions": path, "samples": len(items), "metrics": scores}
     if scores:
         summary["metrics_file"] = os.path.join(output_dir, "metrics.json")

@@ -388,17 +388,58 @@ def check_tensor_parallel(mix, world: int, on_cpu: bool, sharded: bool) -> None:
     degree = mix.tensor_parallel_degree
     if degree == 1:
         return
-    if on_cpu:
-        raise ConfigError("tensor parallel runs on GPUs only: accelerate refuses its parallelism config for "
-                          "CPU processes", key="tensor_parallel_degree")
     if sharded:
         raise ConfigError("tensor parallel together with sharding is not built in mixtune; use one of them",
                           key="tensor_parallel_degree")
     if world % degree:
         raise ConfigError(f"{degree} must divide the {world} process(es) launched", key="tensor_parallel_degree")
+    if on_cpu and degree != world:
+        raise ConfigError(f"on the CPU tensor parallel must span every process ({world}): tensor parallel beside "
+                          "data parallel runs on GPUs only", key="tensor_parallel_degree")
     from mixtune.models.registry import families, read_model_type
 
     if not has_tp_plan(read_model_type(mix.model_name_or_path)):
         with_plan = sorted(f.name for f in families() if any(has_tp_plan(t) for t in f.model_types))
         raise ConfigError(f"this model's language model has no tensor-parallel plan (tp_plan) in transformers; "
                           f"families with one: {', '.join(with_plan)}", key="tensor_parallel_degree")
+    if on_cpu:
+        permit_cpu_tensor_parallel()
+
+
+def permit_cpu_tensor_parallel() -> None:
+    """Let accelerate take a tensor-parallel model on CPU processes (gloo).
+
+    transformers' `tp_plan` splits the layers over a CPU device mesh and its DTensor collectives run on gloo,
+    and the Trainer hands accelerate a ParallelismConfig(tp_size=N) so that every rank gets the same batches and
+    nothing is wrapped in DDP; accelerate then refuses the config for any run whose type is MULTI_CPU (its
+    check names GPU-like devices, FSDP2 and DeepSpeed). For pure tensor parallel (the TP size is the whole
+    world, no data-parallel dimension for FSDP2 to take) mixtune validates that config as accelerate would for
+    GPU processes; everything else, including the size checks, is accelerate's own. Tested against one
+    process in tests/test_distributed.py."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DistributedType
+
+    validate = ParallelismConfig._validate_accelerator
+    if getattr(validate, "_mixtune_cpu_tp", False):
+        return
+
+    def validate_cpu_tensor_parallel(self, accelerator):
+        state = accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU or self.tp_size != self.total_size:
+            return validate(self, accelerator)
+        state.distributed_type = DistributedType.MULTI_GPU  # only for the check: how GPU processes pass it
+        try:
+            return validate(self, accelerator)
+        finally:
+            state.distributed_type = DistributedType.MULTI_CPU
+
+    validate_cpu_tensor_parallel._mixtune_cpu_tp = True
+    ParallelismConfig._validate_accelerator = validate_cpu_tensor_parallel
+
+
+def split_parameters(model) -> tuple[int, int]:
+    """(parameters split across ranks as DTensors, all parameters): what tensor parallel / FSDP2 sharded."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return sum(isinstance(p, DTensor) for p in params), len(params)

@@ -13,7 +13,7 @@ from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
-from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first, split_parameters
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.optim import PartRates
@@ -83,6 +83,9 @@ def build_trainer(config: Config):
     seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     model, processor = task.load(mix, family)
+    if mix.tensor_parallel_degree > 1:
+        log.info("tensor parallel: %d of %d weight tensors split across %d ranks", *split_parameters(model),
+                 mix.tensor_parallel_degree)
     for note in config.notes:
         log.info("config: %s", note)
     try:

@@ -76,6 +76,14 @@ class MixTrainer(Trainer):
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.lengths())
+        from mixtune.data.pack import PackedDataset
+
+        if isinstance(dataset, PackedDataset) and self.args.train_sampling_strategy == "random":
+            # MixToken rows: each step's rows balanced by token count across the data-parallel ranks
+            from mixtune.data.balance import BalancedRowSampler
+
+            return BalancedRowSampler(dataset, self.args.per_device_train_batch_size, max(1, self.args.world_size),
+                                      self.args.data_seed if self.args.data_seed is not None else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def _run_epoch(self, *args, **kwargs):
