@@ -40,6 +40,9 @@ class MixtuneArgs:
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
+    labelled_logits_only: bool = field(default=True, metadata={
+        "help": "compute logits and loss only at positions whose next token carries a label (same loss, "
+                "less memory and time); false computes them everywhere"})
     benchmark: bool = field(default=False, metadata={
         "help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={

@@ -24,6 +24,7 @@ from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
+from mixtune.train.loss import accepts_logits_to_keep as labelled_logits_supported
 from mixtune.train.optim import PartRates
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
@@ -142,6 +143,7 @@ def build_trainer(config: Config):
                          callbacks=[epoch_callback(train_set), *generation_eval_callbacks(config, family, processor)])
     trainer.skipped_samples = skipped
     trainer.part_rates = PartRates.from_config(mix, family)
+    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
     return trainer
 
 

@@ -37,6 +37,14 @@ log = logging.getLogger("mixtune")
 class MixTrainer(Trainer):
     _staging = False  # True while the stock _save_checkpoint runs: its run_dir is then the staging folder
     part_rates = None  # train.optim.PartRates: vision_lr / projector_lr / language_lr
+    labelled_logits_only = False  # train/loss.py: logits and loss only where the next token has a label
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.labelled_logits_only and not return_outputs and "labels" in inputs:  # not eval: it keeps logits
+            from mixtune.train.loss import keep_labelled_positions
+
+            inputs = keep_labelled_positions(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.part_rates is not None:

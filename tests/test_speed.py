@@ -1,0 +1,93 @@
+"""Speed cuts change nothing: each gives the same per-token losses and gradients as the plain step (fp32)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_config, write_json
+from mixtune.config import load_config
+from mixtune.data.collate import PadCollator
+from mixtune.data.encode import IGNORE_INDEX
+from mixtune.data.pack import PackCollator, use_packed_sdpa
+from mixtune.models.loading import load_model_and_processor
+from mixtune.train.loss import accepts_logits_to_keep, keep_labelled_positions
+from test_packing import loss_and_grads, per_token_losses, uneven_samples
+
+TOL = 1e-5
+
+
+def batches(name, model_dir, tmp_path, packed: bool):
+    """(model, family, batch) for a padded batch of uneven samples or two MixToken rows of them."""
+    family, model, processor = load_model_and_processor(model_dir, "sdpa")
+    model.eval()  # no dropout; gradients still flow
+    samples = uneven_samples(tmp_path, processor, family)
+    pad = processor.tokenizer.pad_token_id
+    if not packed:
+        return model, family, PadCollator(pad, family.collate_media)(samples)
+    use_packed_sdpa(model)
+    packs = [[samples[0], samples[1], samples[4]], [samples[2], samples[3]]]
+    return model, family, PackCollator(pad, partial(family.pack_positions, model),
+                                       collate_media=family.collate_media)(packs)
+
+
+def assert_same(ref, ref_grads, got, grads):
+    assert abs(got.loss.item() - ref.loss.item()) <= TOL
+    assert ref_grads.keys() == grads.keys() and len(grads) > 10
+    worst = max((grads[k] - ref_grads[k]).abs().max().item() for k in grads)
+    assert worst <= TOL, worst
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_labelled_logits_only_gives_the_same_losses_and_gradients(tiny_model_dir, tmp_path, name, packed):
+    model, _, batch = batches(name, tiny_model_dir(name), tmp_path, packed)
+    assert accepts_logits_to_keep(model)
+    ref, ref_grads = loss_and_grads(model, batch)
+    cut = keep_labelled_positions(batch)
+    got, grads = loss_and_grads(model, cut)
+    keep = cut["logits_to_keep"]
+    # only labelled positions were projected: far fewer than all positions
+    assert got.logits.shape == (int(keep.sum()), ref.logits.shape[-1])
+    assert 20 < keep.sum() < 0.5 * keep.numel()
+    # per token: each kept logit row gives the loss the full logits give at that position
+    labels = batch["labels"]
+    rows = [(r, 0, labels.shape[1]) for r in range(labels.shape[0])]
+    ref_tokens = per_token_losses(ref.logits, labels, rows)
+    got_tokens = torch.nn.functional.cross_entropy(got.logits, cut["shift_labels"], reduction="none")
+    assert got_tokens.shape == ref_tokens.shape
+    assert (got_tokens - ref_tokens).abs().max() <= TOL
+    assert_same(ref, ref_grads, got, grads)
+
+
+def test_labels_at_every_position_keep_every_position_but_the_last():
+    labels = torch.tensor([[5, 6, IGNORE_INDEX, 7], [IGNORE_INDEX, 8, 9, IGNORE_INDEX]])
+    cut = keep_labelled_positions({"input_ids": labels.clamp(min=0), "labels": labels})
+    assert cut["logits_to_keep"].tolist() == [[True, False, True, False], [True, True, False, False]]
+    assert cut["shift_labels"].tolist() == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_trainer_step_uses_labelled_logits_and_config_can_turn_it_off(tiny_model_dir, tmp_path, enabled):
+    from mixtune.train.run import build_trainer
+
+    Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "sq.png")
+    records = [{"image": "sq.png", "conversations": [["<image>What colour is the shape?", "red " * (1 + i % 3)]]}
+               for i in range(4)]
+    data = write_json(tmp_path / "data.json", records)
+    trainer = build_trainer(load_config(write_config(tmp_path, tiny_model_dir("qwen2_vl"), data, max_steps=1,
+                                                     labelled_logits_only=enabled)))
+    assert trainer.labelled_logits_only is enabled
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    seen = {}
+    hook = trainer.model.lm_head.register_forward_hook(lambda m, i, o: seen.update(rows=o.shape[:-1].numel()))
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    hook.remove()
+    plain = trainer.model(**batch).loss
+    assert abs(loss.item() - plain.item()) <= TOL
+    labelled = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
+    assert seen["rows"] == (labelled if enabled else batch["labels"].numel())
