@@ -91,3 +91,26 @@ def test_trainer_step_uses_labelled_logits_and_config_can_turn_it_off(tiny_model
     assert abs(loss.item() - plain.item()) <= TOL
     labelled = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
     assert seen["rows"] == (labelled if enabled else batch["labels"].numel())
+
+
+def test_step_profile_prints_every_phase_and_the_cut_keeps_the_loss(tmp_path):
+    """benchmarks/step_profile.py at tiny size: one RESULT per setting, the phases summing to the step, and the
+    settings training the same weights on the same batches to the same losses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "step_profile.py"), "--steps", "2",
+                          "--warmup", "1", "--samples", "8", "--settings", "plain,labelled,recompute_vision"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    results = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert [r["setting"] for r in results] == ["plain", "labelled", "recompute_vision"]
+    for r in results:
+        ms = r["ms"]
+        assert all(ms[k] > 0 for k in ("data", "vision", "language", "backward", "optimizer"))
+        assert r["threads"] == 1
+    assert abs(results[0]["mean_loss"] - results[1]["mean_loss"]) < 1e-5
+    assert abs(results[0]["mean_loss"] - results[2]["mean_loss"]) < 1e-5
