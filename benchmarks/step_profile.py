@@ -22,8 +22,10 @@ Torch threads are set to `--threads` (default 1): on a shared CPU more threads g
 Run: PYTHONPATH=src python benchmarks/step_profile.py [--model tiny|mid] [--family qwen2_vl|llava]
      [--settings plain,labelled,...] [--steps 8]
 Settings (comma-joined flags, `+` between flags): plain (everything off), labelled (logits and loss only at
-labelled positions), freeze_vision, lora, recompute (activation checkpointing of every part, transformers'
-default), recompute_lm (language model only), recompute_vision (vision tower only), packed (MixToken rows).
+labelled positions), freeze_vision, lora, recompute (transformers' activation checkpointing of every part, as
+`recompute: true` runs it, a frozen vision tower kept out of autograd), hf_frozen (with recompute: without
+that, transformers' own behaviour), recompute_lm (language model only), recompute_vision (vision tower only),
+packed (MixToken rows).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def setup_model(setting: set, base_model, family, args):
     from mixtune.config import MixtuneArgs
     from mixtune.data.pack import use_packed_sdpa
     from mixtune.train.freeze import apply_freeze
-    from mixtune.train.recompute import set_part_checkpointing
+    from mixtune.train.recompute import keep_frozen_vision_out_of_autograd, set_part_checkpointing
 
     model = copy.deepcopy(base_model)
     if "lora" in setting:
@@ -104,10 +106,13 @@ def setup_model(setting: set, base_model, family, args):
         apply_freeze(model, None, None, family, ("vision",))
     if "packed" in setting:
         use_packed_sdpa(model)
-    lm = "recompute" in setting or "recompute_lm" in setting
-    vision = "recompute" in setting or "recompute_vision" in setting
-    if lm or vision:
-        set_part_checkpointing(model, family, language=lm, vision=vision)
+    if "recompute" in setting:  # what the Trainer does for `recompute: true`
+        if "hf_frozen" not in setting:  # what mixtune adds (train/recompute.py)
+            keep_frozen_vision_out_of_autograd(model, family)
+        model.activation_checkpointing_enable()
+    elif "recompute_lm" in setting or "recompute_vision" in setting:
+        set_part_checkpointing(model, family, language="recompute_lm" in setting,
+                               vision="recompute_vision" in setting)
     model.train()
     return model
 
@@ -235,10 +240,10 @@ def main() -> None:
             t.step(t.batches[step], record=step >= args.warmup)
     print(f"# {args.family} {args.model} ({n_params / 1e6:.1f}M parameters), batch {args.batch_size}, "
           f"{args.steps} steps, torch threads {args.threads}, fp32, SDPA; ms per step (median)")
-    print(f"# {'setting':<28}" + "".join(f"{k:>10}" for k in PHASES))
+    print(f"# {'setting':<34}" + "".join(f"{k:>10}" for k in PHASES))
     for t in trainees:
         med = {k: statistics.median(v) for k, v in t.times.items()}
-        print(f"  {t.name:<28}" + "".join(f"{med[k]:>10.1f}" for k in PHASES))
+        print(f"  {t.name:<36}" + "".join(f"{med[k]:>10.1f}" for k in PHASES))
     for t in trainees:
         med = {k: round(statistics.median(v), 2) for k, v in t.times.items()}
         print("RESULT " + json.dumps({"family": args.family, "model": args.model, "setting": t.name,

@@ -43,6 +43,9 @@ class MixtuneArgs:
     labelled_logits_only: bool = field(default=True, metadata={
         "help": "compute logits and loss only at positions whose next token carries a label (same loss, "
                 "less memory and time); false computes them everywhere"})
+    recompute_vision: bool | None = field(default=None, metadata={
+        "help": "activation checkpointing of the vision tower, apart from the language model's (`recompute`); "
+                "default: as `recompute`"})
     benchmark: bool = field(default=False, metadata={
         "help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={

@@ -50,3 +50,38 @@ class PartCheckpointing(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         set_part_checkpointing(model, self.family, language=self.language, vision=self.vision)
+
+
+def keep_frozen_vision_out_of_autograd(model, family) -> None:
+    """With activation checkpointing, transformers makes the output of *every* input embedding it finds
+    require grad (`enable_input_require_grads`, for reentrant checkpointing under LoRA), the vision tower's
+    patch embedding included. A frozen vision tower then records autograd through all its blocks and backward
+    runs through them for nothing. This drops that hook from the vision tower when none of its parameters
+    (projector aside: it lies after the blocks) trains at the time checkpointing is switched on."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = base.enable_input_require_grads
+
+    def enable_input_require_grads():
+        original()
+        named = list(base.named_parameters())
+        if any(p.requires_grad and part_of(n, family) == "vision" for n, p in named):
+            return
+        vision = [m for n, m in base.named_modules() if part_of(f"{n}.weight", family) == "vision"]
+        kept = []
+        for handle in getattr(base, "_require_grads_hooks", []):
+            if any(handle.id in m._forward_hooks for m in vision):
+                handle.remove()
+            else:
+                kept.append(handle)
+        base._require_grads_hooks = kept
+
+    base.enable_input_require_grads = enable_input_require_grads
+
+
+def apply_recompute(trainer, family, recompute_vision: bool | None) -> None:
+    """Called once on a built trainer: frozen vision stays out of autograd under checkpointing, and
+    `recompute_vision`, when set, decides the vision tower's checkpointing apart from the language model's."""
+    keep_frozen_vision_out_of_autograd(trainer.model, family)
+    if recompute_vision is not None:
+        trainer.add_callback(PartCheckpointing(family, language=bool(trainer.args.activation_checkpointing),
+                                               vision=recompute_vision))

@@ -26,6 +26,7 @@ from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.loss import accepts_logits_to_keep as labelled_logits_supported
 from mixtune.train.optim import PartRates
+from mixtune.train.recompute import apply_recompute
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
 from mixtune.train.seed import seed_everything
@@ -144,6 +145,7 @@ def build_trainer(config: Config):
     trainer.skipped_samples = skipped
     trainer.part_rates = PartRates.from_config(mix, family)
     trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
+    apply_recompute(trainer, family, mix.recompute_vision)
     return trainer
 
 
