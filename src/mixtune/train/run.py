@@ -26,6 +26,7 @@ from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.loss import accepts_logits_to_keep as labelled_logits_supported
 from mixtune.train.optim import PartRates
+from mixtune.train.qlora import from_config as quantization_from_config
 from mixtune.train.recompute import apply_recompute
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
@@ -97,7 +98,8 @@ def build_trainer(config: Config):
     seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
     family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
-                                                        tp_size=mix.tensor_parallel_degree)
+                                                        tp_size=mix.tensor_parallel_degree,
+                                                        quantization=quantization_from_config(mix, args))
     for note in config.notes:
         log.info("config: %s", note)
     try:
