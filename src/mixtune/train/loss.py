@@ -12,6 +12,7 @@ Packed rows need nothing more: the collator already masks each sample's first la
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
@@ -19,9 +20,20 @@ from mixtune.data.encode import IGNORE_INDEX
 
 
 def accepts_logits_to_keep(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (under a peft wrapper: the base model's)."""
+    """Whether the model's forward takes `logits_to_keep` as a boolean mask (under a peft wrapper: the base
+    model's): its module slices through transformers' `slice_logits_to_keep`, and that reads a 2-D bool mask
+    (older transformers 5 releases sliced by an int or 1-D indices only)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    slicer = getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None)
+    if slicer is None:
+        return False
+    try:
+        probe = slicer(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except Exception:
+        return False
+    return tuple(probe.shape) == (2, 1)
 
 
 def keep_labelled_positions(inputs: dict) -> dict:
