@@ -37,6 +37,20 @@ class MixtuneArgs:
         "help": "freeze the family's vision-to-language projector; adds to freeze_include"})
     freeze_language: bool = field(default=False, metadata={
         "help": "freeze the family's language model (embeddings and head included); adds to freeze_include"})
+    freeze_text: bool = field(default=False, metadata={
+        "help": "freeze the text tower (contrastive families: CLIP, SigLIP); adds to freeze_include"})
+    freeze_backbone: bool = field(default=False, metadata={
+        "help": "freeze everything but the classifier head (classification families: timm); adds to freeze_include"})
+    freeze_head: bool = field(default=False, metadata={
+        "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
+    task: str | None = field(default=None, metadata={
+        "help": "chat, contrastive or classification; default: the checkpoint's (a CLIPModel is contrastive)"})
+    mixup_alpha: float = field(default=0.0, metadata={
+        "help": "classification: timm's mixup alpha (0: off); soft targets replace the labels"})
+    cutmix_alpha: float = field(default=0.0, metadata={
+        "help": "classification: timm's cutmix alpha (0: off)"})
+    augment: bool = field(default=False, metadata={
+        "help": "classification: timm's training transform (random resized crop, flip, colour jitter)"})
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
@@ -307,7 +321,7 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise ConfigError("must be >= 0", key=key)
     from mixtune.data.badsamples import POLICIES
     from mixtune.data.dataset import TRUNCATION
-    from mixtune.train.freeze import PARTS
+    from mixtune.train.freeze import FREEZE_SHORTCUTS
 
     if mix.on_bad_sample not in POLICIES:
         raise ConfigError(f"must be one of {POLICIES}, got {mix.on_bad_sample!r}", key="on_bad_sample")
@@ -328,7 +342,7 @@ def check_mixtune_args(mix: MixtuneArgs, notes: list[str]) -> None:
             raise ConfigError("must be >= 1", key="lora_rank")
         if not 0 <= mix.lora_dropout < 1:
             raise ConfigError("must be in [0, 1)", key="lora_dropout")
-        for part in PARTS:
+        for part in FREEZE_SHORTCUTS:
             if getattr(mix, f"freeze_{part}"):
                 raise ConfigError("has no meaning with lora: true (every base weight is frozen already); choose "
                                   "what trains with lora_target_modules and lora_modules_to_save",

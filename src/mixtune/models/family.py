@@ -64,12 +64,26 @@ class Family:
     # The same for one audio clip (None: no audio); `reads_images` False for audio-only models.
     audio_placeholder: str | None = None
     reads_images: bool = True
+    # What the family's checkpoints are trained for when the config gives no `task` (mixtune/tasks/).
+    task: str = "chat"
+    # Named parts, in priority order: ((part, fnmatch globs over parameter names), ...). The first part whose
+    # globs match a parameter owns it; `freeze_<part>`, `lora_modules_to_save` and per-part rates use them.
+    # Empty: the chat families' projector / vision / language (the projector first: some live in the tower).
+    parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
+    supports_lora: bool = True
+
 
     @property
     def media_kinds(self) -> tuple[str, ...]:
         """What the family's models read besides text: `mixtune list-models` shows it."""
         return ((("image",) if self.reads_images else ()) + (("video",) if self.video_placeholder is not None else ())
                 + (("audio",) if self.audio_placeholder is not None else ()))
+
+    def named_parts(self) -> dict[str, tuple[str, ...]]:
+        if self.parts:
+            return dict(self.parts)
+        return {"projector": self.projector, "vision": self.vision, "language": self.language}
 
     def check_requires(self) -> None:
         import importlib.util

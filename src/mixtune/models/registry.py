@@ -12,6 +12,7 @@ from mixtune.models.family import Family
 FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
+    "clip", "siglip", "open_clip_family", "coca", "timm_classifier",  # contrastive and classification (tasks/)
 ]
 
 # Other names users write for a family.
@@ -29,10 +30,13 @@ def _load() -> dict[str, Family]:
     return _FAMILIES
 
 
-def families() -> list[Family]:
+def families(task: str | None = "chat") -> list[Family]:
+    """The registered families of one task (default: the chat families, which the chat tests parametrise
+    over), or of every task with `task=None`."""
     seen: dict[str, Family] = {}
     for fam in _load().values():
-        seen.setdefault(fam.name, fam)
+        if task is None or fam.task == task:
+            seen.setdefault(fam.name, fam)
     return list(seen.values())
 
 
@@ -41,7 +45,7 @@ def get_family(name_or_model_type: str) -> Family:
     name_or_model_type = ALIASES.get(name_or_model_type, name_or_model_type)
     if name_or_model_type in table:
         return table[name_or_model_type]
-    for fam in families():
+    for fam in families(task=None):
         if fam.name == name_or_model_type:
             return fam
     raise MixtuneError(f"unsupported model family '{name_or_model_type}'. Supported families: "
@@ -52,10 +56,16 @@ def read_model_type(model_name_or_path: str) -> str:
     """The checkpoint's `model_type`, read from its config without loading weights."""
     config_path = os.path.join(model_name_or_path, "config.json")
     if os.path.isdir(model_name_or_path):
+        open_clip_config = os.path.join(model_name_or_path, "open_clip_config.json")
+        if not os.path.exists(config_path) and os.path.exists(open_clip_config):
+            from mixtune.models.open_clip_family import model_type_of
+
+            return model_type_of(model_name_or_path)  # open_clip's own folder format
         if not os.path.exists(config_path):
             raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
         with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
+            raw = json.load(f)
+        model_type = raw.get("model_type") or ("timm" if "architecture" in raw else None)  # timm's own format
         if not model_type:
             raise MixtuneError(f"{config_path} has no 'model_type'")
         return model_type
@@ -79,17 +89,21 @@ def support_table() -> str:
     (image, video) from `media_kinds`, and tests/test_video.py trains every family that lists video."""
     import importlib.util
 
-    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "media", "notes")]
-    for fam in families():
+    rows = [("family", "model_type", "SFT", "LoRA", "packing", "generation", "media", "task", "notes")]
+    for fam in families(task=None):
         notes = []
-        if not fam.uses_chat_template:
+        if fam.task == "chat" and not fam.uses_chat_template:
             notes.append("prefix/suffix prompts, one reply per sample")
         if fam.default_chat_template:
             notes.append("built-in prompt format when the checkpoint has no chat template")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
-        rows.append((fam.name, ",".join(fam.model_types), "yes", "yes", packing, "yes", ",".join(fam.media_kinds),
+        chat = fam.task == "chat"
+        lora = "yes" if fam.supports_lora else "no"
+        rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-",
+                     ",".join(fam.media_kinds), fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
-        "\n(SFT, LoRA, generation: checked for every family by tests/test_zoo.py on a tiny checkpoint)"
+        "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
+        "contrastive and classification families by tests/test_tasks.py)"

@@ -37,20 +37,34 @@ def frozen_names(names: list[str], include: list[str] | None, exclude: list[str]
             if any(fnmatch(n, g) for g in include) and not any(fnmatch(n, g) for g in exclude)}
 
 
-PARTS = ("vision", "projector", "language")
+PARTS = ("vision", "projector", "language")  # the chat families' parts
+# every `freeze_<part>` key of the config; which parts a model has is its family's `named_parts`
+FREEZE_SHORTCUTS = PARTS + ("text", "backbone", "head")
 
 
 def part_of(name: str, family) -> str | None:
-    """Which part of the model a parameter belongs to: the projector's globs win over the vision tower's."""
-    for part in ("projector", "vision", "language"):
-        if any(fnmatch(name, g) for g in getattr(family, part)):
+    """Which named part of the family's model a parameter belongs to: the first part whose globs match (for
+    the chat families the projector's globs win over the vision tower's)."""
+    for part, globs in family.named_parts().items():
+        if any(fnmatch(name, g) for g in globs):
             return part
     return None
 
 
+def requested_parts(mix, family) -> tuple[str, ...]:
+    """The parts named by true `freeze_<part>` keys; a part the family does not have is a config error."""
+    asked = tuple(k.removeprefix("freeze_") for k, v in vars(mix).items() if k.startswith("freeze_") and v is True)
+    parts = family.named_parts()
+    for part in asked:
+        if part not in parts:
+            raise ConfigError(f"the {family.name} family has no '{part}' part; its parts: {', '.join(parts)}",
+                              key=f"freeze_{part}")
+    return asked
+
+
 def apply_freeze(model, include: list[str] | None, exclude: list[str] | None, family=None,
                  parts: tuple[str, ...] = ()) -> None:
-    """Freeze by globs and by whole parts ("vision", "projector", "language") of the family's model."""
+    """Freeze by globs and by whole named parts of the family's model (`Family.named_parts`)."""
     if exclude and not include and not parts:
         log.warning("freeze_exclude without freeze_include freezes nothing")
     names = [n for n, _ in model.named_parameters()]

@@ -114,8 +114,8 @@ def resolve_modules_to_save(model, family, entries) -> list[str]:
     params = [n for n, _ in model.named_parameters()]
     chosen: set[str] = set()
     for entry in _as_list(entries):
-        if entry in PART_NAMES:
-            globs = getattr(family, entry)
+        if entry in family.named_parts():
+            globs = family.named_parts()[entry]
             matched = [m for m in names
                        if (own := [p for p in params if p.startswith(m + ".")])
                        and all(any(fnmatch(p, g) for g in globs) for p in own)]
@@ -124,7 +124,7 @@ def resolve_modules_to_save(model, family, entries) -> list[str]:
             matched = [n for n in names if rx.fullmatch(n)]
         if not matched:
             raise ConfigError(f"'{entry}' matches no module. Use a regex over full module names or one of "
-                              f"{list(PART_NAMES)}; module names look like: {_sample_names(names)}", key=key)
+                              f"{list(family.named_parts())}; module names look like: {_sample_names(names)}", key=key)
         chosen.update(matched)
     # a module inside another chosen module is saved with it
     return [n for n in names if n in chosen and not any(n.startswith(c + ".") for c in chosen)]

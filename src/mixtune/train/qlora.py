@@ -11,6 +11,7 @@ config is read (`check_quantization`), not at the first step.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,18 @@ def skipped_modules(family) -> list[str]:
     transformers keeps itself)."""
     return sorted({g.removesuffix(".*") for g in family.vision + family.projector if "*" not in
                    g.removesuffix(".*")} | {"lm_head"})
+
+
+def quantization_kwargs(mix, args, task) -> dict:
+    """`task.load`'s extra arguments: none without quantization; tasks whose loader takes no quantization
+    (only the chat task's does) refuse it."""
+    quant = from_config(mix, args)
+    if quant is None:
+        return {}
+    if "quantization" not in inspect.signature(task.load).parameters:
+        raise ConfigError(f"is not supported by the {task.__name__.rsplit('.', 1)[-1]} task (chat models only)",
+                          key="quantization")
+    return {"quantization": quant}
 
 
 def bnb_config(quant: Quantization, family):

@@ -59,7 +59,9 @@ def keep_frozen_vision_out_of_autograd(model, family) -> None:
     runs through them for nothing. This drops that hook from the vision tower when none of its parameters
     (projector aside: it lies after the blocks) trains at the time checkpointing is switched on."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    original = base.enable_input_require_grads
+    original = getattr(base, "enable_input_require_grads", None)
+    if original is None or not getattr(family, "vision", None):  # not a transformers model, or no vision part
+        return
 
     def enable_input_require_grads():
         original()

@@ -6,27 +6,20 @@ import contextlib
 import logging
 import os
 
-import torch
-
 from mixtune.config import Config
-from mixtune.data.collate import PadCollator
 from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
-from mixtune.data.dataset import ENTRY_DEFAULT_KEYS, build_split
 from mixtune.data.mix import epoch_callback
-from mixtune.data.pack import pack_for_training
-from mixtune.data.templates import save_with_model, training_chat_template
 from mixtune.errors import ConfigError
-from mixtune.infer.generate_eval import generation_eval_callbacks
-from mixtune.models.loading import load_model_and_processor
-from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.paddle_compat import with_paddle_name_hint
+from mixtune.tasks.chat import save_training_template  # noqa: F401 (re-exported)
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
-from mixtune.train.freeze import PARTS, apply_freeze, trainable_summary
+from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
+from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
 from mixtune.train.loss import accepts_logits_to_keep as labelled_logits_supported
 from mixtune.train.optim import PartRates
-from mixtune.train.qlora import from_config as quantization_from_config
+from mixtune.train.qlora import quantization_kwargs
 from mixtune.train.recompute import apply_recompute
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
@@ -82,24 +75,18 @@ def resolve_resume(config: Config) -> str | None:
     return resume or None
 
 
-def save_training_template(processor, parts) -> None:
-    """The chat template training rendered with is the one saved with the model (a dataset entry's
-    `chat_template` replaces the checkpoint's)."""
-    template = training_chat_template(parts)
-    if template is not None and template != getattr(processor, "chat_template", None):
-        save_with_model(processor, template)
-        log.info("the model is saved with the chat template training used")
-
-
 def build_trainer(config: Config):
+    """Shared by every task (mixtune/tasks/): load, freeze or LoRA, the task's data, the Trainer."""
+    from mixtune.models.registry import family_for_checkpoint
+    from mixtune.tasks import get_task, task_name
     from mixtune.train.trainer import MixTrainer
 
     mix, args = config.mix, config.training
+    family = family_for_checkpoint(mix.model_name_or_path)
+    task = get_task(task_name(mix, family))
     seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
-    family, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
-                                                        tp_size=mix.tensor_parallel_degree,
-                                                        quantization=quantization_from_config(mix, args))
+    model, processor = task.load(mix, family, **quantization_kwargs(mix, args, task))
     for note in config.notes:
         log.info("config: %s", note)
     try:
@@ -111,41 +98,23 @@ def build_trainer(config: Config):
             set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
             model = apply_lora(model, family, mix)
         else:
-            parts = tuple(p for p in PARTS if getattr(mix, f"freeze_{p}"))
-            apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, parts)
+            apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, requested_parts(mix, family))
     except ConfigError as e:  # a pattern written for PaddleMIX's module names: add the translation
         raise with_paddle_name_hint(e, model, family, mix) from None
     summary = trainable_summary(model.get_base_model() if mix.lora else model)
-    log.info("model family %s (%s)\n%s", family.name, model.config.model_type, summary)
-    seed = args.data_seed if args.data_seed is not None else args.seed
-    data_opts = dict(seed=seed, cache_dir=mix.data_cache_dir,
-                     num_workers=args.dataloader_num_workers,
-                     defaults={k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
+    log.info("model family %s (%s), task %s\n%s", family.name, getattr(getattr(model, "config", None), "model_type",
+             family.name), task.__name__.rsplit(".", 1)[-1], summary)
     with main_process_first():  # the main process scans and caches lengths; the others read its cache
-        train_set = build_split(mix.dataset.get("train"), "train", processor, family, mix.max_length,
-                                config.base_dir, **data_opts)
-        eval_set = build_split(mix.dataset.get("eval"), "eval", processor, family, mix.max_length, config.base_dir,
-                               **data_opts)
-    if train_set is None:
-        raise ConfigError("has no entries", key="dataset.train")
-    save_training_template(processor, train_set.parts + (eval_set.parts if eval_set is not None else []))
-    log.info("train samples per epoch: %d, eval samples: %d", len(train_set), len(eval_set) if eval_set else 0)
-    skipped = train_set.skipped + (eval_set.skipped if eval_set is not None else [])
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = PadCollator(pad_id, family.collate_media)
-    if mix.mixtoken:  # eval batches stay padded (the PadCollator above); train batches are packed rows
-        train_set, collator = pack_for_training(train_set, family, model, pad_id, mix.max_length, seed,
-                                                on_gpu=torch.cuda.is_available() and not args.use_cpu,
-                                                unpacked=collator)
-    # several eval entries: the Trainer reports eval_<name>_loss for each, MixTrainer adds the overall eval_loss
-    eval_arg = eval_set.by_entry() if eval_set is not None and len(eval_set.parts) > 1 else eval_set
+        data = task.build_data(config, family, model, processor)
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
-    trainer = MixTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_arg,
-                         data_collator=collator, processing_class=processor,
-                         callbacks=[epoch_callback(train_set), *generation_eval_callbacks(config, family, processor)])
-    trainer.skipped_samples = skipped
+    trainer = (data.trainer_class or MixTrainer)(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
+        processing_class=processor, compute_metrics=data.compute_metrics,
+        callbacks=[epoch_callback(data.train), *data.callbacks])
+    trainer.skipped_samples = data.skipped
     trainer.part_rates = PartRates.from_config(mix, family)
+    for key, value in data.trainer_attrs.items():
+        setattr(trainer, key, value)
     trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
     apply_recompute(trainer, family, mix.recompute_vision)
     return trainer
