@@ -40,7 +40,9 @@ class MixTrainer(Trainer):
     labelled_logits_only = False  # train/loss.py: logits and loss only where the next token has a label
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.labelled_logits_only and not return_outputs and "labels" in inputs:  # not eval: it keeps logits
+        # not eval (it keeps the logits), nor a loss that reads full logits (label smoothing, compute_loss_func)
+        if self.labelled_logits_only and not return_outputs and "labels" in inputs and \
+                self.label_smoother is None and self.compute_loss_func is None:
             from mixtune.train.loss import keep_labelled_positions
 
             inputs = keep_labelled_positions(inputs)
