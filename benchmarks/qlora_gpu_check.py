@@ -41,10 +41,16 @@ def main() -> None:
     from mixtune.train.qlora import Quantization
     from mixtune.train.run import train
 
+    import transformers
+
+    print("RESULT " + json.dumps({"check": "versions", "torch": torch.__version__,
+                                  "transformers": transformers.__version__}))
     root = tempfile.mkdtemp(prefix="qlora_gpu_")
     model_dir = get_family("qwen2_vl").build_tiny(os.path.join(root, "model"))
     data = write_data(root)
-    for bits in ("4bit", "8bit"):
+    import importlib.util
+
+    for bits in ("4bit", "8bit") if importlib.util.find_spec("bitsandbytes") else ():
         out = os.path.join(root, f"out_{bits}")
         raw = {"model_name_or_path": model_dir, "dataset": {"train": [{"name": "chatml_dataset", "data_files": data}]},
                "output_dir": out, "lora": True, "quantization": bits, "per_device_train_batch_size": 4,
@@ -79,6 +85,11 @@ def main() -> None:
     ds = build_split([{"name": "chatml_dataset", "data_files": data}], "train", processor, family, 512, root)
     batch = PadCollator(processor.tokenizer.pad_token_id, family.collate_media)([ds[0], ds[20], ds[3]])
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    from mixtune.train.loss import accepts_logits_to_keep
+
+    if not accepts_logits_to_keep(model):
+        print("RESULT " + json.dumps({"check": "labelled_logits_only", "supported": False}))
+        return
     for dtype in (torch.float32, torch.bfloat16):
         m = model.to("cuda", dtype).train()
         plain = m(**batch).loss.item()
