@@ -12,7 +12,6 @@ from mixtune.data.badsamples import write_report
 from mixtune.data.mix import epoch_callback
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import with_paddle_name_hint
-from mixtune.tasks.chat import save_training_template  # noqa: F401 (re-exported)
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
@@ -91,11 +90,11 @@ def build_trainer(config: Config):
         log.info("config: %s", note)
     try:
         if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
-            from transformers import set_seed
-
             from mixtune.train.lora import apply_lora
 
-            set_seed(args.seed)  # the adapters' random init: the same in every run and on every rank
+            # again: loading may have drawn random numbers (missing weights, ZeRO-3 init), and the adapters'
+            # init must be the same in every run and on every rank
+            seed_everything(args)
             model = apply_lora(model, family, mix)
         else:
             apply_freeze(model, mix.freeze_include, mix.freeze_exclude, family, requested_parts(mix, family))
