@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     from mixtune.train.distributed import RankFailed, is_main_process, log_format, quiet_replicas, report_to_launcher
 
     logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
+    # bitsandbytes' CPU backend warns at import (deepspeed and transformers import it) about an optional kernel
+    # package; mixtune quantises on GPUs only
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     quiet_replicas()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

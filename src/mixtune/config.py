@@ -54,6 +54,15 @@ class MixtuneArgs:
     mixtoken: bool = field(default=False, metadata={"help": "pack samples into rows of max_length (MixToken)"})
     device: str | None = field(default=None, metadata={"help": "cpu, gpu or cuda; default: the GPU if present"})
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image tokens included"})
+    labelled_logits_only: bool = field(default=True, metadata={
+        "help": "compute logits and loss only at positions whose next token carries a label (same loss, "
+                "less memory and time); false computes them everywhere"})
+    recompute_vision: bool | None = field(default=None, metadata={
+        "help": "activation checkpointing of the vision tower, apart from the language model's (`recompute`); "
+                "default: as `recompute`"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "QLoRA: 4bit or 8bit bitsandbytes weights for the language model under LoRA adapters (GPU only)"})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4 (double quantisation on)"})
     benchmark: bool = field(default=False, metadata={
         "help": "log throughput (samples/s, steps/s) at the end of training"})
     fp16_opt_level: str = field(default="O1", metadata={
@@ -271,6 +280,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
         raise ConfigError(f"'{mix.device}' requested but torch sees no GPU", key="device")
     if mix.device == "cpu" or (not torch.cuda.is_available() and mix.device != "npu"):
         train_kwargs.setdefault("use_cpu", True)  # lets bf16 run on CPU instead of failing the GPU check
+    from mixtune.train.qlora import check_quantization
+
+    check_quantization(mix, bool(train_kwargs.get("use_cpu")))
     if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
         # packs already group samples by length; the length-grouped sampler cannot read packs
         train_kwargs["train_sampling_strategy"] = "random"

@@ -14,7 +14,7 @@ from mixtune.models.registry import family_for_checkpoint
 
 def load_model_and_processor(model_name_or_path: str | None, attn_implementation: str | None = None,
                              dtype: torch.dtype = torch.float32, lora_path: str | None = None,
-                             merge_lora: bool = False, tp_size: int = 1):
+                             merge_lora: bool = False, tp_size: int = 1, quantization=None):
     import transformers
 
     if lora_path:
@@ -27,6 +27,10 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:  # QLoRA (train/qlora.py)
+        from mixtune.train.qlora import load_kwargs
+
+        kwargs.update(load_kwargs(quantization, family))
     if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
         kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:

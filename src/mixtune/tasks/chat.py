@@ -17,11 +17,11 @@ from mixtune.tasks import TaskData
 log = logging.getLogger("mixtune")
 
 
-def load(mix, family):
+def load(mix, family, quantization=None):
     from mixtune.models.loading import load_model_and_processor
 
     _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation,
-                                                   tp_size=mix.tensor_parallel_degree)
+                                                   tp_size=mix.tensor_parallel_degree, quantization=quantization)
     return model, processor
 
 

@@ -16,7 +16,10 @@ from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complet
 from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first, split_parameters
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
 from mixtune.train.lock import LOCK_NAME, OutputLock
+from mixtune.train.loss import accepts_logits_to_keep as labelled_logits_supported
 from mixtune.train.optim import PartRates
+from mixtune.train.qlora import quantization_kwargs
+from mixtune.train.recompute import apply_recompute
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
 from mixtune.train.seed import seed_everything
@@ -82,7 +85,7 @@ def build_trainer(config: Config):
     task = get_task(task_name(mix, family))
     seed_everything(args)  # before loading and LoRA create anything random (the Trainer seeds only later)
     join_deepspeed(args)  # before loading: ZeRO-3 partitions the weights as they load
-    model, processor = task.load(mix, family)
+    model, processor = task.load(mix, family, **quantization_kwargs(mix, args, task))
     if mix.tensor_parallel_degree > 1:
         log.info("tensor parallel: %d of %d weight tensors split across %d ranks", *split_parameters(model),
                  mix.tensor_parallel_degree)
@@ -114,6 +117,8 @@ def build_trainer(config: Config):
     trainer.part_rates = PartRates.from_config(mix, family)
     for key, value in data.trainer_attrs.items():
         setattr(trainer, key, value)
+    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
+    apply_recompute(trainer, family, mix.recompute_vision)
     return trainer
 
 

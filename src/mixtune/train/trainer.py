@@ -37,6 +37,16 @@ log = logging.getLogger("mixtune")
 class MixTrainer(Trainer):
     _staging = False  # True while the stock _save_checkpoint runs: its run_dir is then the staging folder
     part_rates = None  # train.optim.PartRates: vision_lr / projector_lr / language_lr
+    labelled_logits_only = False  # train/loss.py: logits and loss only where the next token has a label
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # not eval (it keeps the logits), nor a loss that reads full logits (label smoothing, compute_loss_func)
+        if self.labelled_logits_only and not return_outputs and "labels" in inputs and \
+                self.label_smoother is None and self.compute_loss_func is None:
+            from mixtune.train.loss import keep_labelled_positions
+
+            inputs = keep_labelled_positions(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.part_rates is not None:
