@@ -24,3 +24,4 @@ import json; r = json.load(open("/tmp/demo/demo_report.json"))
 print({k: r[k] for k in r if k not in ("examples",) and not isinstance(r[k], (list, dict))})
 PY
 check scaling 180 python3 benchmarks/scaling_gpu_check.py --layers 4
+check qlora 120 python3 benchmarks/qlora_gpu_check.py  # needs the bitsandbytes wheel in .whl too
