@@ -1,4 +1,4 @@
-"""The one config schema: the seed's keys, every `TrainingArguments` field, and PaddleNLP aliases.
+"""The one config schema: PaddleMIX's keys, every `TrainingArguments` field, and PaddleNLP aliases.
 
 `load_config(path, overrides)` reads JSON or YAML, applies `--key value` overrides, checks every key and
 type, and returns a `Config` holding mixtune's own settings and a ready `TrainingArguments`. Unknown keys
@@ -23,7 +23,7 @@ from mixtune.paddle_compat import ALIASES, NO_OP_KEYS, translate_keys, warmup_ra
 
 @dataclass
 class MixtuneArgs:
-    """mixtune's own keys (the seed's config table, beside TrainingArguments)."""
+    """mixtune's own keys (PaddleMIX's config table, beside TrainingArguments)."""
 
     model_name_or_path: str = field(default="", metadata={"help": "local checkpoint folder or hub id"})
     dataset: dict = field(default_factory=dict, metadata={"help": '{"train": [entries], "eval": [entries]}'})
@@ -251,7 +251,7 @@ def suggest(key: str) -> str:
 def build_config(raw: dict, base_dir: str = ".") -> Config:
     notes: list[str] = []
     raw = translate_keys(raw, notes)  # PaddleMIX / PaddleNLP names (paddle_compat.py)
-    if raw.get("resume_from_checkpoint") is True:  # the seed's spelling of "the latest checkpoint"
+    if raw.get("resume_from_checkpoint") is True:  # PaddleMIX's spelling of "the latest checkpoint"
         raw["resume_from_checkpoint"] = "true"
     elif raw.get("resume_from_checkpoint") is False:
         raw["resume_from_checkpoint"] = None

@@ -1,4 +1,4 @@
-"""`freeze_include` / `freeze_exclude`: fnmatch globs over parameter names (the seed's meaning).
+"""`freeze_include` / `freeze_exclude`: fnmatch globs over parameter names (PaddleMIX's meaning).
 
 A parameter is frozen when its name matches at least one `freeze_include` glob and no `freeze_exclude`
 glob. So `freeze_include: ["*visual*"], freeze_exclude: ["*visual.merger*"]` freezes the vision tower but

@@ -1,6 +1,6 @@
 """LoRA: turn the config's `lora*` keys into a peft model, resolving every target to exact module names.
 
-`lora_target_modules` are regexes matched with `re.fullmatch` against full module names (the seed's
+`lora_target_modules` are regexes matched with `re.fullmatch` against full module names (PaddleMIX's
 meaning: `".*attn.c_attn.*"` matches `transformer.h.0.attn.c_attn`), plus the shorthand `all-linear`: every
 linear layer of the language model except the output head (the vision tower and projector are left alone;
 add a regex for them). Without targets, the family's default applies: the language model's attention and
