@@ -99,6 +99,20 @@ def test_references_grouped_per_prompt(tmp_path):
     assert item.references == ["2", "2", "two", "3"] and item.conv.turns[-1].role == "user"
 
 
+def test_grounding_samples_are_refused_not_asked_with_literal_placeholders(tmp_path):
+    from mixtune.errors import DataError
+
+    Image.new("RGB", (40, 20)).save(tmp_path / "a.png")
+    record = {"image": "a.png", "objects": {"ref": ["cat"], "bbox": [[1, 2, 30, 18]]},
+              "messages": [{"role": "user", "content": "<image>Where is <ref-object>?"},
+                           {"role": "assistant", "content": "<bbox>"}]}
+    data = write_json(tmp_path / "g.json", [record, {**record, "objects": None}])
+    with pytest.raises(DataError, match="g.json.*sample 0.*'objects'.*filled in by training only"):
+        read_prompts([DatasetEntry(name="chatml_dataset", data_files=data)])
+    skipped = read_prompts([DatasetEntry(name="chatml_dataset", data_files=data, on_bad_sample="skip")])
+    assert skipped == []  # the second record has placeholders and no objects: a bad sample in the reader too
+
+
 def test_predict_cli_writes_predictions_and_metrics(tiny_model_dir, demo_data_dir, tmp_path, capsys):
     model = tiny_model_dir("qwen2_vl")
     val = os.path.join(demo_data_dir, "val.json")

@@ -38,7 +38,12 @@ class PromptItem:
 
 def validated(conv: Conversation) -> Conversation:
     """The training checks (roles, image count; images without placeholders go in front), also for a
-    sample that ends on the user turn to answer."""
+    sample that ends on the user turn to answer. Grounding `objects` are refused: their boxes are written into
+    the text only when training encodes a sample, so here `<ref-object>` / `<bbox>` would reach the model (and
+    the reference) as literal text."""
+    if conv.objects is not None:
+        raise conv.error("grounding 'objects' (<ref-object> / <bbox> placeholders) are filled in by training only; "
+                         "predict cannot answer such a sample yet", "objects")
     if conv.turns and conv.turns[-1].role == "user":
         conv.turns.append(Turn("assistant", ""))
         conv.validate()
