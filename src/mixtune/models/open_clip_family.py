@@ -9,6 +9,8 @@ gets a loss and the contrastive task its embeddings.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from dataclasses import dataclass
@@ -178,18 +180,6 @@ FAMILY = Family(
     parts=(("vision", VISION), ("text", TEXT_TOWER)),
 )
 
-COCA = Family(
-    name="coca",
-    model_types=("open_clip_coca",),
-    vision=VISION,
-    projector=(),
-    image_placeholder="",
-    build_tiny=tiny_builder(TINY_COCA),
-    language=TEXT_TOWER,
-    lora_targets=LORA,
-    uses_chat_template=False,
-    requires=("open_clip",),
-    auto_class="",
-    task="contrastive",
-    parts=(("vision", VISION), ("text", TEXT_TOWER), ("decoder", ("model.text_decoder.*",))),
-)
+# CoCa: what differs from an open_clip CLIP is its captioning decoder, a part of its own
+COCA = dataclasses.replace(FAMILY, name="coca", model_types=("open_clip_coca",), build_tiny=tiny_builder(TINY_COCA),
+                           parts=(*FAMILY.parts, ("decoder", ("model.text_decoder.*",))))
