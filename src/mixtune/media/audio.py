@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixtune.errors import ConfigError, DataError
+from mixtune.media import import_av
 
 
 @dataclass
@@ -83,10 +84,7 @@ def load_audio(ref, budget: AudioBudget) -> Audio:
 
 
 def decode(source, rate: int, name: str) -> np.ndarray:
-    try:
-        import av
-    except ImportError:
-        raise DataError("decoding audio needs PyAV: pip install 'mixtune[video]'", field="audios") from None
+    av = import_av("audio", "audios")
     try:
         with av.open(source) as container:
             if not container.streams.audio:

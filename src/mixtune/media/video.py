@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from mixtune.errors import ConfigError, DataError
+from mixtune.media import import_av
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_FRAME_SIDE = 28  # below this no vision encoder gets a useful patch
@@ -151,10 +152,7 @@ def load_frame_list(paths: list, budget: VideoBudget, name: str) -> Video:
 
 def decode_file(path: str, budget: VideoBudget) -> Video:
     """Decode a video file with PyAV, keeping the frames nearest to `budget.fps` sample times."""
-    try:
-        import av
-    except ImportError:
-        raise DataError("decoding video files needs PyAV: pip install 'mixtune[video]'", field="videos") from None
+    av = import_av("video files", "videos")
     try:
         with av.open(path) as container:
             if not container.streams.video:

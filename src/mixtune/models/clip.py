@@ -43,6 +43,8 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(CLIPModel(config), processor, output_dir)
 
 
+# LoRA defaults of transformers' two-tower models (CLIP, SigLIP): both towers' attention projections
+TOWER_ATTENTION = r".*(vision_model|text_model)\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 VISION = ("vision_model.*", "visual_projection.*")
 TEXT = ("text_model.*", "text_projection.*")
 
@@ -54,7 +56,7 @@ FAMILY = Family(
     image_placeholder="",
     build_tiny=build_tiny,
     language=TEXT,
-    lora_targets=r".*(vision_model|text_model)\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    lora_targets=TOWER_ATTENTION,
     auto_class="CLIPModel",
     uses_chat_template=False,
     task="contrastive",

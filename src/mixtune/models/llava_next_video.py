@@ -4,9 +4,9 @@ style ("USER: <video>\\n... ASSISTANT: ...</s>")."""
 
 from __future__ import annotations
 
-from mixtune.data.pack import text_positions
-from mixtune.models.family import Family
-from mixtune.models.llava_onevision import collate_media_one_frame_count
+import dataclasses
+
+from mixtune.models import llava_onevision
 from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
 from mixtune.models.tokenizer import train_tokenizer
 
@@ -56,14 +56,6 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(model, processor, output_dir, tok)
 
 
-FAMILY = Family(
-    name="llava_next_video",
-    model_types=("llava_next_video",),
-    vision=("model.vision_tower.*",),
-    projector=("model.multi_modal_projector.*", "model.image_newline"),
-    image_placeholder="<image>\n",
-    build_tiny=build_tiny,
-    collate_media=collate_media_one_frame_count,
-    pack_positions=text_positions,
-    video_placeholder="<video>\n",
-)
+# what differs from LLaVA-OneVision's record: the checkpoint type and its tiny builder
+FAMILY = dataclasses.replace(llava_onevision.FAMILY, name="llava_next_video", model_types=("llava_next_video",),
+                             build_tiny=build_tiny)

@@ -3,7 +3,7 @@ Task: contrastive. The text tower pools the last position, so texts are padded t
 
 from __future__ import annotations
 
-from mixtune.models.clip import IMAGE_SIZE, PATCH, TEXT_LENGTH, TOWER_SIZES, bos_eos_tokenizer
+from mixtune.models.clip import IMAGE_SIZE, PATCH, TEXT_LENGTH, TOWER_ATTENTION, TOWER_SIZES, bos_eos_tokenizer
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, save_checkpoint, seeded
 
@@ -43,7 +43,7 @@ FAMILY = Family(
     image_placeholder="",
     build_tiny=build_tiny,
     language=TEXT,
-    lora_targets=r".*(vision_model|text_model)\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    lora_targets=TOWER_ATTENTION,
     auto_class="SiglipModel",
     uses_chat_template=False,
     task="contrastive",

@@ -31,6 +31,13 @@ FIELDS = ("messages", "conversations", "images", "image", "question", "answer", 
 HF_SCHEME = "hfrow:"
 
 
+def require_columns(ds, columns, path: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"column(s) {missing} are not in the dataset; it has {ds.column_names} (map them with "
+                        "'columns')", file=path, field="columns")
+
+
 @register("hf", folders=True)
 def read_hf(entry, bad) -> list[Conversation]:
     mapping = dict(entry.columns or {})
@@ -41,10 +48,7 @@ def read_hf(entry, bad) -> list[Conversation]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         ds = open_dataset(path)
-        missing = [c for c in mapping.values() if c not in ds.column_names]
-        if missing:
-            raise DataError(f"column(s) {missing} named in 'columns' are not in the dataset; it has "
-                            f"{ds.column_names}", file=path, field="columns")
+        require_columns(ds, mapping.values(), path)
         columns = {f: mapping.get(f, f) for f in FIELDS if mapping.get(f, f) in ds.column_names}
         unused = [c for c in ds.column_names if c not in columns.values() and c != "id"]
         if unused:  # counted per column, not per row: reading them row by row could mean reading image bytes

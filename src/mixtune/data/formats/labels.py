@@ -63,7 +63,7 @@ def read_image_labels(entry, bad) -> list[LabelSample]:
 
 @register("hf_label", folders=True)
 def read_hf_labels(entry, bad) -> list[LabelSample]:
-    from mixtune.data.formats.hf import image_refs, open_dataset
+    from mixtune.data.formats.hf import image_refs, open_dataset, require_columns
 
     columns = {"image": "image", "label": "label", **(entry.columns or {})}
     if set(columns) != {"image", "label"}:
@@ -72,10 +72,7 @@ def read_hf_labels(entry, bad) -> list[LabelSample]:
     out = []
     for path in expand_data_files(entry.data_files, entry.base_dir):
         ds = open_dataset(path)
-        missing = [c for c in columns.values() if c not in ds.column_names]
-        if missing:
-            raise DataError(f"no column(s) {missing}; the dataset has {ds.column_names} (map them with 'columns')",
-                            file=path, field="columns")
+        require_columns(ds, columns.values(), path)
         names = getattr(ds.features[columns["label"]], "names", None)  # a ClassLabel column
         base, index = image_base(entry, path), 0
         selected = ds.with_format("arrow").select_columns([columns["image"], columns["label"]])
