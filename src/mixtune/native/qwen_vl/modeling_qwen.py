@@ -367,8 +367,9 @@ class QWenModel(QWenPreTrainedModel):
         cos_sin = self.rotary_emb(position_ids, self._ntk(past + length, past == 0), hidden.dtype)
         logn = self._logn(position_ids, hidden.dtype)
         for block in self.h:
+            # position_ids reach the attention function: packed rows are cut where they restart
             hidden = block(hidden, position_embeddings=cos_sin, logn=logn, attention_mask=mask, cache=cache,
-                           **kwargs)
+                           position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), cache=cache)
 
 
