@@ -152,3 +152,73 @@ def test_processor_expands_each_image_span(tiny_model_dir):
     assert tuple(out["pixel_values"].shape) == (2, 3, 112, 112)
     with pytest.raises(ValueError, match="2 <img>...</img> spans but 1 images"):
         processor(text=[text], images=[Image.new("RGB", (30, 50))])
+
+
+def published_layout(tiny: str, folder) -> str:
+    """The tiny checkpoint laid out as Qwen-VL is published: config with auto_map to remote code that is not there,
+    weights, qwen.tiktoken and a tokenizer_config.json naming QWenTokenizer; no processor files, no tokenizer.json,
+    no chat template."""
+    import shutil
+
+    for name in ("model.safetensors", "qwen.tiktoken", "generation_config.json"):
+        shutil.copy(os.path.join(tiny, name), folder / name)
+    with open(os.path.join(tiny, "config.json")) as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoConfig": "configuration_qwen.QWenConfig",
+                          "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}))
+    return str(folder)
+
+
+def test_published_folder_loads_without_remote_code(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from mixtune.data.conversation import Conversation, Turn
+    from mixtune.data.encode import encode_with_processor
+    from mixtune.data.templates import make_renderer
+    from mixtune.models.loading import load_model_and_processor
+
+    tiny = tiny_model_dir("qwen_vl")
+    family, model, processor = load_model_and_processor(published_layout(tiny, tmp_path))
+    _, reference, tiny_processor = load_model_and_processor(tiny)
+    assert family.name == "qwen_vl" and processor.n_queries == tiny_processor.n_queries
+    render = make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
+    conv = Conversation(turns=[Turn("user", "<image>What colour is it?"), Turn("assistant", "red")],
+                        file="mem.json", index=0, images=["mem"])
+    enc = encode_with_processor(conv, [Image.new("RGB", (90, 60), (200, 20, 20))], processor, render)
+    tiny_render = make_renderer(tiny_processor, None, family.image_placeholder)
+    same = encode_with_processor(conv, [Image.new("RGB", (90, 60), (200, 20, 20))], tiny_processor, tiny_render)
+    assert torch.equal(enc.input_ids, same.input_ids) and torch.equal(enc.labels, same.labels)
+    torch.testing.assert_close(enc.media["pixel_values"], same.media["pixel_values"])
+    with torch.no_grad():
+        batch = dict(input_ids=enc.input_ids[None], pixel_values=enc.media["pixel_values"])
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+
+
+def test_saved_checkpoint_keeps_the_published_key_names(model, tmp_path):
+    from safetensors import safe_open
+
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == {n[2:] for n in golden().files if n.startswith("w:")}
+
+
+@pytest.mark.parametrize("text", ["<image>What colour?", "Picture 1: <image>\nWhat colour?"])
+def test_template_writes_pictures_as_qwen_vl_chat_does(tiny_model_dir, text):
+    """mixtune's `<image>` and Qwen-VL's own "Picture 1: <img>a.jpg</img>\\n" data render alike, once."""
+    from transformers import AutoProcessor
+
+    from mixtune.data.conversation import Conversation, Turn
+    from mixtune.data.templates import to_messages
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen_vl"))
+    conv = Conversation(turns=[Turn("user", text + " Picture 2: <image>\nAnd?"), Turn("assistant", "red")],
+                        file="m.json", index=0, images=["a", "b"])
+    assert processor.apply_chat_template(to_messages(conv), tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Picture 1: <img></img>\nWhat colour? Picture 2: <img></img>\nAnd?<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n")

@@ -13,18 +13,26 @@ from mixtune.data.pack import text_positions
 from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, ROPE_THETA, save_checkpoint, seeded
 from mixtune.native.qwen_vl import QWenConfig, QWenLMHeadModel, QWenTokenizer, QWenVLProcessor
+from mixtune.native.qwen_vl.processing_qwen_vl import clip_image_processor
 from mixtune.native.qwen_vl.tokenization_qwen import ENDOFTEXT, IM_END, IMG_END, IMG_START, write_tiktoken_file
 
-IMAGE_MARKUP = f"{IMG_START}{IMG_END}\n"
-# Qwen-VL-Chat's ChatML, each image as "Picture N: <img></img>\n" numbered through the conversation.
+IMAGE_MARKUP = f"{IMG_START}{IMG_END}"
+# Qwen-VL-Chat's ChatML, each image as "Picture N: <img></img>\n", numbered through the conversation. Data in
+# Qwen-VL's own shape ("Picture 1: <img>a.jpg</img>\nWhat is it?", read as "Picture 1: <image>\nWhat is it?")
+# keeps its own "Picture N: " and newline rather than getting them twice.
 CHAT_TEMPLATE = (
     "{% set ns = namespace(pic=0) %}"
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set ns.pic = ns.pic + 1 %}"
-    "Picture {{ ns.pic }}: " + IMAGE_MARKUP + "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for part in message['content'] %}{% set next = loop.nextitem if loop.nextitem is defined else none %}"
+    "{% if part['type'] == 'image' %}{% set ns.pic = ns.pic + 1 %}Picture {{ ns.pic }}: " + IMAGE_MARKUP +
+    "{% if not (next and next['type'] == 'text' and next['text'].startswith('\n')) %}{{ '\n' }}{% endif %}"
+    "{% elif part['type'] == 'text' %}{% set tag = 'Picture ' ~ (ns.pic + 1) ~ ': ' %}"
+    "{% if next and next['type'] == 'image' and part['text'].endswith(tag) %}"
+    "{{ part['text'][:part['text'] | length - tag | length] }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Qwen-VL's grounding markup: <ref>name</ref><box>(x1,y1),(x2,y2)</box>, coordinates 0-1000
 QWEN_VL_STYLE = GroundingStyle(ref="<ref>{ref}</ref>", box="<box>{points}</box>")
@@ -52,18 +60,10 @@ def tiny_tokenizer(**kwargs) -> QWenTokenizer:
     return QWenTokenizer(vocab_file=path, eos_token=IM_END, pad_token=ENDOFTEXT, **kwargs)
 
 
-def image_processor(size: int):
-    from transformers import CLIPImageProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-
-    return CLIPImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
-                              do_center_crop=False, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-
-
 def build_tiny(output_dir: str) -> str:
     seeded()
     tok = tiny_tokenizer()
-    processor = QWenVLProcessor(image_processor(TINY_IMAGE), tok, n_queries=TINY_QUERIES, chat_template=CHAT_TEMPLATE)
+    processor = QWenVLProcessor(clip_image_processor(TINY_IMAGE), tok, n_queries=TINY_QUERIES, chat_template=CHAT_TEMPLATE)
     visual = dict(image_size=TINY_IMAGE, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=2.0,
                   output_dim=128, image_start_id=tok.convert_tokens_to_ids(IMG_START), n_queries=TINY_QUERIES)
     # 128 wide: the resampler has one head per 128 channels, as published
@@ -86,4 +86,5 @@ FAMILY = Family(
     pack_positions=text_positions,
     auto_class="AutoModelForCausalLM",
     grounding=QWEN_VL_STYLE,
+    default_chat_template=CHAT_TEMPLATE,  # published Qwen-VL folders ship none (their remote code builds prompts)
 )

@@ -10,6 +10,7 @@ with CLIP's mean and std, as published.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -27,6 +28,26 @@ class QWenVLProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, n_queries: int = 256, chat_template=None, **kwargs):
         self.n_queries = n_queries
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder) or any(os.path.exists(os.path.join(folder, name)) for name in
+                                            ("processor_config.json", "preprocessor_config.json")):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls.for_published_folder(folder)
+
+    @classmethod
+    def for_published_folder(cls, folder: str) -> QWenVLProcessor:
+        """A published Qwen-VL folder has no processor files (its remote code hard-codes them): build the
+        processor from config.json's `visual` block and the folder's qwen.tiktoken."""
+        from transformers import AutoConfig
+
+        from mixtune.native.qwen_vl.tokenization_qwen import QWenTokenizer
+
+        config = AutoConfig.from_pretrained(folder)
+        return cls(clip_image_processor(int(config.visual["image_size"])), QWenTokenizer.from_pretrained(folder),
+                   n_queries=config.n_queries)
 
     def _encode_text(self, text: str, want_offsets: bool):
         """Token ids (and per-token character spans of `text`), each image markup expanded in place."""
@@ -89,3 +110,12 @@ class QWenVLProcessor(ProcessorMixin):
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def clip_image_processor(size: int):
+    """Resize to size x size (bicubic, no crop), then CLIP's mean and std: Qwen-VL's published image transform."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+    return CLIPImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+                              do_center_crop=False, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
