@@ -63,7 +63,8 @@ def tiny_tokenizer(**kwargs) -> QWenTokenizer:
 def build_tiny(output_dir: str) -> str:
     seeded()
     tok = tiny_tokenizer()
-    processor = QWenVLProcessor(clip_image_processor(TINY_IMAGE), tok, n_queries=TINY_QUERIES, chat_template=CHAT_TEMPLATE)
+    processor = QWenVLProcessor(clip_image_processor(TINY_IMAGE), tok, n_queries=TINY_QUERIES,
+                                chat_template=CHAT_TEMPLATE)
     visual = dict(image_size=TINY_IMAGE, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=2.0,
                   output_dim=128, image_start_id=tok.convert_tokens_to_ids(IMG_START), n_queries=TINY_QUERIES)
     # 128 wide: the resampler has one head per 128 channels, as published

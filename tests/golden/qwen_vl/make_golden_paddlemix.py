@@ -3,14 +3,23 @@
 Builds PaddleMIX's QWenLMHeadModel tiny, sets every parameter to random int8 values times a power of two (exact in
 fp32, and small to store), runs one fixed batch (two samples, one image each), and saves the weights under the
 published Qwen-VL key names (torch layout), the inputs, the logits and a label loss."""
-import json, os, sys, types
+import json
+import os
+import sys
+import tempfile
+import types
 
 import numpy as np
 import paddle
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+# Run from a folder holding PaddleMIX's source (paddlemix/models/qwen_vl, groundingdino, model_utils.py, utils/):
+#   /path/to/paddle_venv/bin/python make_golden_paddlemix.py OUT_DIR
+ROOT = os.getcwd()
 for name, path in (("paddlemix", "paddlemix"), ("paddlemix.models", "paddlemix/models")):
-    mod = types.ModuleType(name); mod.__path__ = [os.path.join(ROOT, path)]; sys.modules[name] = mod
+    # empty packages: PaddleMIX's own __init__ files import every model, and one of them fails on Python 3.11
+    mod = types.ModuleType(name)
+    mod.__path__ = [os.path.join(ROOT, path)]
+    sys.modules[name] = mod
 from paddlemix.models.qwen_vl.modeling import QWenLMHeadModel  # noqa: E402
 
 # PaddleMIX's qwen_vl was written for Paddle 2.x, where paddle.where(cond) returns (N, 1) index columns;
@@ -32,10 +41,10 @@ llm = dict(vocab_size=V, hidden_size=H, num_hidden_layers=LAYERS, num_attention_
            intermediate_size=INTER, rotary_emb_base=10000, seq_length=2048, layer_norm_epsilon=1e-6,
            use_dynamic_ntk=True, use_logn_attn=True, no_bias=True, tie_word_embeddings=False,
            max_position_embeddings=8192)
-os.makedirs(os.path.join(ROOT, "llm"), exist_ok=True)
-with open(os.path.join(ROOT, "llm", "config.json"), "w") as f:
+LLM_DIR = tempfile.mkdtemp()  # PaddleMIX's QWen wrapper builds its language model from a config folder
+with open(os.path.join(LLM_DIR, "config.json"), "w") as f:
     json.dump({"model_type": "qwen", "architectures": ["QWenModel"], **llm}, f)
-config = QWenConfig(**llm, visual=visual, llm_pretrained_model_name_or_path=os.path.join(ROOT, "llm"))
+config = QWenConfig(**llm, visual=visual, llm_pretrained_model_name_or_path=LLM_DIR)
 config.dtype = "float32"
 paddle.seed(0)
 model = QWenLMHeadModel(config)

@@ -381,6 +381,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.loss_type = "ForCausalLM"  # the published class name does not say so; transformers reads the name
 
     def get_output_embeddings(self):
         return self.lm_head
