@@ -4,3 +4,5 @@ Each port is a transformers config + `PreTrainedModel` + processor registered wi
 for the checkpoint's own `model_type`, so the published folder loads by its own key names with no remote code.
 Importing a port's package registers it; `mixtune.models.registry` imports them through their family files.
 """
+
+from mixtune.native import qwen_vl  # noqa: E402,F401  (registers model_type "qwen")
