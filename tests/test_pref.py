@@ -154,8 +154,8 @@ def test_rewards():
     done = [[{"role": "assistant", "content": "Red."}], [{"role": "assistant", "content": "blue"}]]
     assert exact(None, done, answer=["red", "red"]) == [1.0, 0.0]
     assert fmt(None, ["<think>x</think> <answer>4</answer>", "4"]) == [1.0, 0.0]
-    assert boxed(None, [r"so \boxed{\frac{1}{2}}", r"\boxed{3} then \boxed{4}", "4"], answer=[r"\frac{1}{2}", "4", "4"]) \
-        == [1.0, 1.0, 0.0]
+    boxes = [r"so \boxed{\frac{1}{2}}", r"\boxed{3} then \boxed{4}", "4"]
+    assert boxed(None, boxes, answer=[r"\frac{1}{2}", "4", "4"]) == [1.0, 1.0, 0.0]
     assert regex(None, ["42", "4a"]) == [1.0, 0.0]
     (mine,) = reward_functions(["mixtune.tasks.rewards:exact_match"])
     assert mine is exact

@@ -13,7 +13,8 @@ def write_metrics(output_dir: str, log_history: list[dict], final: dict) -> str:
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     with open(path, "w") as f:
         json.dump({"final": final, "train_loss": train, "eval_loss": evals,
-                   "generation_eval": generation_metrics(log_history), "rewards": reward_metrics(log_history), "log_history": log_history}, f, indent=1)
+                   "generation_eval": generation_metrics(log_history), "rewards": reward_metrics(log_history),
+                   "log_history": log_history}, f, indent=1)
     return path
 
 
