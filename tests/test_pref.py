@@ -196,3 +196,14 @@ def test_grpo_with_exact_match_raises_the_mean_reward(tiny_model_dir, tmp_path):
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert 0.3 < first < 0.8  # the SFT model guesses
     assert last >= first + 0.15
+
+
+def test_without_trl_the_task_stops_with_the_pip_command(monkeypatch):
+    import sys
+
+    from mixtune.tasks.trl_bridge import import_trl
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError, as when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'mixtune\[rl\]'") as e:
+        import_trl()
+    assert e.value.key == "task"
