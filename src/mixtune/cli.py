@@ -30,6 +30,14 @@ def cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_keys(args, extra) -> int:
+    from mixtune.config_keys import listing
+
+    text, shown = listing(args.search)
+    print(text, end="")
+    return 0 if shown else 1
+
+
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
@@ -169,13 +177,27 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+TRAIN_EPILOG = """config keys (mixtune's own, transformers' TrainingArguments, PaddleMIX / PaddleNLP names,
+dataset entry keys), each with its type, default and meaning:
+  mixtune keys                   all of them, grouped
+  mixtune keys --search lora     those whose name or meaning mentions a word
+a commented starter config for a model family:
+  mixtune init --family qwen2_vl [--lora] [--mixtoken] --output cfg.yaml
+overrides: mixtune train cfg.yaml --learning_rate 2e-5 --max_steps 100"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Fine-tune multimodal models from one config.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a JSON or YAML config; --key value overrides any key")
+    p = sub.add_parser("train", help="fine-tune from a JSON or YAML config; --key value overrides any key",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("keys", help="every config key with its type, default and meaning (from the schema)")
+    p.add_argument("--search", default=None, metavar="WORD", help="only keys whose name or meaning contains WORD")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a model family")
     p.add_argument("--family", default="qwen2_vl")
