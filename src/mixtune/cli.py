@@ -38,6 +38,18 @@ def cmd_keys(args, extra) -> int:
     return 0 if shown else 1
 
 
+def cmd_init(args, extra) -> int:
+    from mixtune.tools.starter import starter_config, write_starter
+
+    text = starter_config(args.family, lora=args.lora, mixtoken=args.mixtoken)
+    if not args.output:
+        print(text, end="")
+        return 0
+    path = write_starter(text, args.output)
+    print(f"starter config written to {path}: fill in model_name_or_path and data_files, then: mixtune train {path}")
+    return 0
+
+
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
@@ -198,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="every config key with its type, default and meaning (from the schema)")
     p.add_argument("--search", default=None, metavar="WORD", help="only keys whose name or meaning contains WORD")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("init", help="write a commented starter config for a model family (mixtune list-models)")
+    p.add_argument("--family", required=True, help="a family name or checkpoint model_type, e.g. qwen2_vl, clip, timm")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    p.add_argument("--mixtoken", action="store_true", help="MixToken packing (families that pack)")
+    p.add_argument("--output", default=None, help="a new .yaml file; default: print the config")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a model family")
     p.add_argument("--family", default="qwen2_vl")
