@@ -50,6 +50,12 @@ def cmd_init(args, extra) -> int:
     return 0
 
 
+def cmd_doctor(args, extra) -> int:
+    from mixtune.doctor import run_doctor
+
+    return run_doctor(as_json=args.json)
+
+
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixtoken", action="store_true", help="MixToken packing (families that pack)")
     p.add_argument("--output", default=None, help="a new .yaml file; default: print the config")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("doctor", help="versions, GPU / bf16 / flash-attention / DeepSpeed / bitsandbytes / NPU, and "
+                       "which features this install can run; exit 1 when the core install is broken")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a model family")
     p.add_argument("--family", default="qwen2_vl")
