@@ -12,7 +12,7 @@ import pytest
 import mixtune.train.run as run
 from conftest import red_image, write_config, write_json
 from mixtune.config import load_config
-from mixtune.train.throughput import COUNT_KEY, BatchCounts, Throughput, count_batch, describe
+from mixtune.train.throughput import COUNT_KEY, METRIC_KEYS, BatchCounts, Throughput, count_batch, describe
 
 
 class Recorder:
@@ -70,6 +70,8 @@ def test_tokens_per_second_is_the_tokens_the_batches_carried_over_train_time(tin
     positions = sum(b["positions"] for b in recorder.batches)
     lengths = trainer.train_dataset.lengths if mixtoken else trainer.train_dataset.lengths()
     assert carried == sum(lengths)  # each of the 7 samples trained exactly once
+    assert final["train_real_samples"] == 7
+    assert final["train_real_samples_per_second"] == pytest.approx(7 / final["train_runtime"], rel=1e-12)
     assert final["train_real_tokens"] == carried
     assert final["train_real_tokens_per_second"] == pytest.approx(carried / final["train_runtime"], rel=1e-12)
     assert final["train_token_fill"] == pytest.approx(carried / positions, rel=1e-12)
@@ -83,6 +85,8 @@ def test_tokens_per_second_is_the_tokens_the_batches_carried_over_train_time(tin
         assert final["train_token_fill"] < 1  # the samples differ in length: padding was computed
     assert final["train_peak_rss_mb"] > 100  # torch alone takes more
     assert "train_mfu" not in final  # CPU: no peak to compare with
+    assert {k for k in final if k in METRIC_KEYS} == set(METRIC_KEYS) - {"train_mfu", "train_peak_gpu_mb"} - (
+        set() if mixtoken else {"train_packing_fill"})
     saved = json.load(open(os.path.join(cfg.training.output_dir, "metrics.json")))["final"]
     assert saved["train_real_tokens"] == carried and saved["train_real_tokens_per_second"] == \
         final["train_real_tokens_per_second"]

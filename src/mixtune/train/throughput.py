@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 COUNT_KEY = "mixtune_batch_counts"  # carried in a train batch from the collator to training_step
+# what throughput_metrics may report (README's table names each)
+METRIC_KEYS = ("train_real_tokens", "train_real_tokens_per_second", "train_real_samples",
+               "train_real_samples_per_second", "train_token_fill", "train_packing_fill", "train_peak_rss_mb",
+               "train_peak_gpu_mb", "train_mfu")
 
 # Dense bf16/fp16 tensor-core peak TFLOPS per GPU, from the vendors' datasheets (name fragment as torch reports
 # it -> peak). MFU is left out on any other device; MIXTUNE_PEAK_TFLOPS sets the peak for one.
@@ -31,6 +35,7 @@ class BatchCounts:
     positions: int | None  # tokens the batch's tensors hold, padding included
     rows: int  # samples, or MixToken rows
     capacity: int | None = None  # MixToken: rows x max_length
+    samples: int | None = None  # samples (a MixToken row holds several); None: rows are samples
 
 
 def samples_of(batch: list) -> list | None:
@@ -53,7 +58,8 @@ def count_batch(batch: list, collated: dict, max_length: int | None) -> BatchCou
         tokens = int(collated["attention_mask"].sum())
     else:
         tokens = positions  # text without padding, or None: no text at all (image classification)
-    return BatchCounts(tokens, positions, len(batch), len(batch) * max_length if packed and max_length else None)
+    return BatchCounts(tokens, positions, len(batch), len(batch) * max_length if packed and max_length else None,
+                       len(encoded) if encoded is not None else None)
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Throughput:
     positions: int = 0
     rows: int = 0
     capacity: int = 0
+    samples: int = 0
     has_tokens: bool = False
     has_positions: bool = False
 
@@ -88,6 +95,7 @@ class Throughput:
         if counts is None:
             return
         self.rows += counts.rows
+        self.samples += counts.samples if counts.samples is not None else counts.rows
         if counts.tokens is not None:
             self.tokens += counts.tokens
             self.has_tokens = True
@@ -96,9 +104,9 @@ class Throughput:
             self.has_positions = True
         self.capacity += counts.capacity or 0
 
-    def summed(self, accelerator=None) -> tuple[int, int, int, int]:
-        """(tokens, positions, rows, capacity) over every data-parallel rank."""
-        values = (self.tokens, self.positions, self.rows, self.capacity)
+    def summed(self, accelerator=None) -> tuple[int, int, int, int, int]:
+        """(tokens, positions, rows, capacity, samples) over every data-parallel rank."""
+        values = (self.tokens, self.positions, self.rows, self.capacity, self.samples)
         if accelerator is None or accelerator.num_processes == 1:
             return values
         import torch
@@ -159,7 +167,10 @@ def throughput_metrics(trainer, runtime: float, mfu_flops_per_token: int | None 
     counter: Throughput | None = getattr(trainer, "throughput", None)
     out: dict[str, float] = {}
     if counter is not None:
-        tokens, positions, rows, capacity = counter.summed(trainer.accelerator)
+        tokens, positions, rows, capacity, samples = counter.summed(trainer.accelerator)
+        if runtime > 0 and samples:  # with MixToken the Trainer's samples/s counts rows; this counts samples
+            out["train_real_samples"] = samples
+            out["train_real_samples_per_second"] = samples / runtime
         if counter.has_tokens and runtime > 0:
             out["train_real_tokens"] = tokens
             out["train_real_tokens_per_second"] = tokens / runtime
@@ -185,8 +196,8 @@ def describe(metrics: dict) -> str:
         parts.append(f"token fill {100 * metrics['train_token_fill']:.1f}%")
     if "train_packing_fill" in metrics:
         parts.append(f"packing fill {100 * metrics['train_packing_fill']:.1f}%")
-    if "train_samples_per_second" in metrics:
-        parts.append(f"{metrics['train_samples_per_second']:.2f} samples/s")
+    if "train_real_samples_per_second" in metrics:
+        parts.append(f"{metrics['train_real_samples_per_second']:.2f} samples/s")
     if "train_peak_gpu_mb" in metrics:
         parts.append(f"peak GPU memory {metrics['train_peak_gpu_mb']:.0f} MiB")
     parts.append(f"peak RSS {metrics['train_peak_rss_mb']:.0f} MiB")
