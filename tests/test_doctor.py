@@ -89,3 +89,21 @@ def test_features_follow_the_hardware():
         assert not cpu[qlora].usable and "needs a CUDA GPU" in cpu[qlora].why and gpu[qlora].usable
     with pytest.raises(StopIteration):
         next(k for k in cpu if k.startswith("[dev]"))  # dev is the test tools, not a feature
+
+
+def test_installed_metadata_gives_the_same_core_requirements(monkeypatch):
+    """Outside a checkout (a wheel install) the requirements come from the installed metadata."""
+    from_checkout = {r.name: str(r.specifier) for r in doctor.requirements()[0]}
+    real_exists = doctor.os.path.exists
+    monkeypatch.setattr(doctor.os.path, "exists", lambda p: not p.endswith("pyproject.toml") and real_exists(p))
+    core, extras = doctor.requirements()
+    assert {r.name: str(r.specifier) for r in core} == from_checkout
+    assert "deepspeed" in {r.name for r in extras["deepspeed"]} and "mixtune" in {r.name for r in extras["dev"]}
+
+
+def test_json_output_is_one_document(capsys):
+    import json
+
+    assert main(["doctor", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)  # nothing an import printed is mixed in
+    assert found["core_ok"] and {"gpus", "bf16", "flash_attention_2", "npu"} <= set(found["hardware"])

@@ -105,18 +105,12 @@ def requirements() -> tuple[list[Requirement], dict[str, list[Requirement]]]:
             extras = {name: [Requirement(r) for r in reqs]
                       for name, reqs in project.get("optional-dependencies", {}).items()}
             return [Requirement(r) for r in project.get("dependencies", [])], extras
-    core, extras = [], {}
-    for line in importlib.metadata.metadata("mixtune").get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        extra = next((m[2] for m in _marker_terms(req) if m[0] == "extra"), None)
-        (extras.setdefault(extra, []) if extra else core).append(req)
+    meta = importlib.metadata.metadata("mixtune")
+    reqs = [Requirement(line) for line in meta.get_all("Requires-Dist") or []]
+    core = [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+    extras = {extra: [r for r in reqs if r.marker is not None and r.marker.evaluate({"extra": extra})]
+              for extra in meta.get_all("Provides-Extra") or []}
     return core, extras
-
-
-def _marker_terms(req: Requirement) -> list[tuple[str, str, str]]:
-    if req.marker is None:
-        return []
-    return [(str(t[0]), str(t[1]), str(t[2]).strip('"')) for t in req.marker._markers if isinstance(t, tuple)]
 
 
 def check_packages() -> tuple[list[Package], list[Package]]:
@@ -281,7 +275,10 @@ def report_json(report: Report) -> dict:
 
 
 def run_doctor(as_json: bool = False) -> int:
-    report = diagnose()
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # what packages print as they import (DeepSpeed's accelerator)
+        report = diagnose()
     if as_json:
         import json
 
