@@ -131,6 +131,9 @@ EQUALITY_CASES = [
     ("llava", PACKED_SDPA, False),
     ("llava", "sdpa", False),
     ("llava", "eager", True),
+    ("qwen_vl", PACKED_SDPA, False),
+    ("qwen_vl", "sdpa", False),
+    ("qwen_vl", "eager", False),
 ]
 
 
@@ -179,9 +182,9 @@ def test_packed_loss_and_gradients_equal_unpacked(model_dirs, tmp_path, name, at
     ref, ref_grads = loss_and_grads(model, padded)
     if attn == PACKED_SDPA:
         use_packed_sdpa(model)
-        assert model.config.text_config._attn_implementation == PACKED_SDPA
-        encoder = getattr(model.config, "vision_config", None) or model.config.audio_config
-        assert encoder._attn_implementation == "sdpa"
+        assert getattr(model.config, "text_config", model.config)._attn_implementation == PACKED_SDPA
+        encoder = getattr(model.config, "vision_config", None) or getattr(model.config, "audio_config", None)
+        assert encoder is None or encoder._attn_implementation == "sdpa"  # Qwen-VL: one config, own ViT attention
     packed = PackCollator(processor.tokenizer.pad_token_id, partial(family.pack_positions, model), flatten,
                          collate_media=family.collate_media)(packs)
     assert "attention_mask" not in packed and packed["use_cache"] is False
