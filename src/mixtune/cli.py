@@ -113,6 +113,7 @@ def generation_options(args):
 
 def cmd_predict(args, extra) -> int:
     from mixtune.infer.engine import Engine
+    from mixtune.infer.segment import is_segmentation_model, predict_segmentation_cli
     from mixtune.infer.predict import entries_from_args, model_from_config, predict, read_prompts
 
     entries, raw = entries_from_args(args.data_files, args.name, args.dataset, args.config, args.split)
@@ -121,6 +122,8 @@ def cmd_predict(args, extra) -> int:
         if not raw:
             raise MixtuneError("--model is required (or --config, whose output_dir holds the trained model)")
         model, lora = model_from_config(raw)
+    if is_segmentation_model(model):  # SAM: masks as RLE results (infer/segment.py)
+        return predict_segmentation_cli(model, lora, entries, args)
     options = generation_options(args)
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
@@ -218,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="predictions")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
+    p.add_argument("--draw", action="store_true", help="detection / segmentation: also write PNGs with the "
+                   "predicted boxes and masks drawn")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
 

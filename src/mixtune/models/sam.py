@@ -32,7 +32,7 @@ def tiny_config(image_size: int = TINY_IMAGE_SIZE, patch: int = TINY_PATCH, widt
     return SamConfig(
         vision_config=dict(hidden_size=width, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=patch, window_size=4, global_attn_indexes=[1],
-                           num_pos_feats=width // 2, mlp_dim=2 * width),
+                           num_pos_feats=width // 2, mlp_dim=2 * width, initializer_range=0.02),
         prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=patch,
                                    mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2,
@@ -40,10 +40,16 @@ def tiny_config(image_size: int = TINY_IMAGE_SIZE, patch: int = TINY_PATCH, widt
 
 
 def build_tiny(output_dir: str) -> str:
+    import torch
     from transformers import SamModel
 
     seeded()
-    return save_checkpoint(SamModel(tiny_config()), tiny_processor(), output_dir)
+    model = SamModel(tiny_config())
+    # transformers draws the prompt / image position frequencies with std hidden_size / 2 (16 here: 2 pi x 16
+    # cycles across the image, a random hash of position that a tiny model cannot generalise from); SAM's
+    # own code uses std 1. The pretrained checkpoints carry their trained values, so this only matters here.
+    torch.nn.init.normal_(model.shared_image_embedding.positional_embedding, std=1.0)
+    return save_checkpoint(model, tiny_processor(), output_dir)
 
 
 VISION = ("vision_encoder.*",)
