@@ -192,9 +192,9 @@ def test_predict_writes_rle_results_and_pictures(tiny_model_dir, shapes, tmp_pat
         assert r["iou"] == pytest.approx(mask_codec.iou(mask, mask_codec.decode(s.rle)), abs=1e-4)
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["miou"] == pytest.approx(np.mean([r["iou"] for r in results]))
-    pictures = sorted(os.listdir(out / "pictures"))
+    pictures = sorted(os.listdir(out / "drawn"))
     assert len(pictures) == len({s.image for s in samples})
-    assert Image.open(out / "pictures" / pictures[0]).size == (samples[0].width, samples[0].height)
+    assert Image.open(out / "drawn" / pictures[0]).size == (samples[0].width, samples[0].height)
 
 
 def test_make_tiny_model_cli_writes_a_loadable_sam(tmp_path):
@@ -208,3 +208,49 @@ def test_make_tiny_model_cli_writes_a_loadable_sam(tmp_path):
     model = SamModel.from_pretrained(tmp_path / "sam")
     assert SamProcessor.from_pretrained(tmp_path / "sam").image_processor.size["longest_edge"] == \
         model.config.vision_config.image_size
+
+
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_onnx_export_matches_torch_on_the_fixture(tiny_model_dir, shapes, tmp_path, prompt):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+    from transformers import SamModel, SamProcessor
+
+    from mixtune.cli import main
+    from mixtune.export_onnx.sam import export_sam
+    from mixtune.tasks.segmentation import MaskPrep, collate_masks, low_res_side
+
+    # the tiny checkpoint's decoder starts with near-zero outputs (1e-4): spread its weights so that agreement
+    # within 1e-3 means something
+    model_dir = str(tmp_path / "sam")
+    model = SamModel.from_pretrained(tiny_model_dir("sam"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)
+    model.save_pretrained(model_dir)
+    SamProcessor.from_pretrained(tiny_model_dir("sam")).save_pretrained(model_dir)
+    if prompt == "box":  # the CLI's default
+        assert main(["export", "--model", model_dir, "--to", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+        files = {name: str(tmp_path / "onnx" / f"{name}.onnx") for name in ("image_encoder", "mask_decoder")}
+    else:
+        report = export_sam(model_dir, str(tmp_path / "onnx"), prompt=prompt)
+        assert max(report["max_abs_difference"].values()) <= 1e-3
+        files = report["files"]
+    # and on the fixture's real images and prompts, through the processor saved beside the files
+    model = SamModel.from_pretrained(model_dir).eval()
+    processor = SamProcessor.from_pretrained(tmp_path / "onnx")
+    samples = read_mask_samples(entry(shapes, "val.json", prompt=prompt), BadSamples())
+    batch = collate_masks([MaskPrep(processor, low_res_side(model), False)(s) for s in samples])
+    run = {name: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+           for name, path in files.items()}
+    (embeddings,) = run["image_encoder"].run(None, {"pixel_values": batch["pixel_values"].numpy()})
+    prompts = {k: batch[k]
+               for k in ("input_boxes", "input_points", "input_labels") if k in batch}
+    masks, scores = run["mask_decoder"].run(None, {"image_embeddings": embeddings,
+                                                   **{k: v.numpy() for k, v in prompts.items()}})
+    with torch.no_grad():
+        want = model(pixel_values=batch["pixel_values"], **prompts, multimask_output=False)
+    assert np.abs(masks - want.pred_masks.numpy()).max() <= 1e-3
+    assert np.abs(scores - want.iou_scores.numpy()).max() <= 1e-3
+    assert np.abs(want.pred_masks.numpy()).max() > 0.05  # 50x the tolerance: outputs that do not vanish

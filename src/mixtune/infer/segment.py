@@ -66,7 +66,7 @@ def draw_predictions(samples, masks, results, output_dir: str, limit: int | None
     by_image = defaultdict(list)
     for i, sample in enumerate(samples):
         by_image[sample.image].append(i)
-    folder = os.path.join(output_dir, "pictures")
+    folder = os.path.join(output_dir, "drawn")
     os.makedirs(folder, exist_ok=True)
     paths = []
     for image_path, idx in list(by_image.items())[:limit]:
@@ -81,10 +81,12 @@ def draw_predictions(samples, masks, results, output_dir: str, limit: int | None
     return paths
 
 
-def is_segmentation_model(model_path: str | None) -> bool:
+def is_segmentation_model(model_path: str | None, lora_path: str | None = None) -> bool:
     from mixtune.models.registry import family_for_checkpoint
+    from mixtune.tools.merge_lora import read_adapter_config
 
-    return bool(model_path) and os.path.isdir(model_path) and family_for_checkpoint(model_path).task == "segmentation"
+    base = model_path or (read_adapter_config(lora_path).get("base_model_name_or_path") if lora_path else None)
+    return bool(base) and os.path.isdir(base) and family_for_checkpoint(base).task == "segmentation"
 
 
 
