@@ -127,7 +127,8 @@ def test_tiny_sam_trains_frozen_encoder_and_reloads_equal(tiny_model_dir, shapes
     assert last < first - 0.1, history
     assert 0.0 <= metrics["eval_miou"] <= 1.0 and "eval_loss" in metrics
     before, after = SamModel.from_pretrained(model_dir), SamModel.from_pretrained(tmp_path / "out")
-    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)}
+    pairs = zip(before.named_parameters(), after.named_parameters())
+    changed = {n for (n, a), (_, b) in pairs if not torch.equal(a, b)}
     assert changed and all(n.startswith(("mask_decoder.", "prompt_encoder.", "shared_image_embedding."))
                            for n in changed)  # the image encoder frozen by default
     assert any(n.startswith("mask_decoder.") for n in changed)
