@@ -117,34 +117,33 @@ def test_tiny_sam_trains_frozen_encoder_and_reloads_equal(tiny_model_dir, shapes
     from transformers import SamModel, SamProcessor
 
     from mixtune.tasks.segmentation import MaskPrep, collate_masks, low_res_side
-    from mixtune.train.run import train
+    from mixtune.train.run import build_trainer
 
     model_dir = tiny_model_dir("sam")
-    config = sam_config(tmp_path, model_dir, shapes, max_steps=15, learning_rate=1e-2)
-    metrics = train(config)
-    history = json.load(open(tmp_path / "out" / "metrics.json"))["train_loss"]
-    first, last = np.mean([v for _, v in history[:3]]), np.mean([v for _, v in history[-3:]])
-    assert last < first - 0.1, history
-    assert 0.0 <= metrics["eval_miou"] <= 1.0 and "eval_loss" in metrics
+    trainer = build_trainer(sam_config(tmp_path, model_dir, shapes, max_steps=15, learning_rate=1e-2))
+    trainer.train()
+    history = losses(trainer)
+    assert np.mean(history[-3:]) < np.mean(history[:3]) - 0.1, history
+    trained = trainer.evaluate()
+    assert 0.0 <= trained["eval_miou"] <= 1.0 and "eval_loss" in trained
+    trainer.save_final(str(tmp_path / "out"))
     before, after = SamModel.from_pretrained(model_dir), SamModel.from_pretrained(tmp_path / "out")
     pairs = zip(before.named_parameters(), after.named_parameters())
     changed = {n for (n, a), (_, b) in pairs if not torch.equal(a, b)}
     assert changed and all(n.startswith(("mask_decoder.", "prompt_encoder.", "shared_image_embedding."))
                            for n in changed)  # the image encoder frozen by default
     assert any(n.startswith("mask_decoder.") for n in changed)
+    # the Trainer's in-memory model against the reloaded one, on the fixture's prompts
     processor = SamProcessor.from_pretrained(tmp_path / "out")
     samples = read_mask_samples(entry(shapes, "val.json"), BadSamples())
     batch = collate_masks([MaskPrep(processor, low_res_side(after), False)(s) for s in samples])
-    # the Trainer's in-memory model against the reloaded one, on the same prompts
-    from mixtune.train.run import build_trainer
-
-    trainer = build_trainer(sam_config(tmp_path, str(tmp_path / "out"), shapes, output_dir=str(tmp_path / "o2")))
     inputs = {k: batch[k] for k in ("pixel_values", "input_boxes")}
     with torch.no_grad():
         a = trainer.model.eval()(**inputs, multimask_output=False).pred_masks
         b = after.eval()(**inputs, multimask_output=False).pred_masks
-    assert torch.allclose(a, b, atol=1e-6)
-    assert trainer.evaluate()["eval_miou"] == pytest.approx(metrics["eval_miou"], abs=1e-6)
+    assert torch.equal(a, b)
+    reloaded = build_trainer(sam_config(tmp_path, str(tmp_path / "out"), shapes, output_dir=str(tmp_path / "o2")))
+    assert reloaded.evaluate()["eval_miou"] == trained["eval_miou"]
 
 
 def test_training_the_encoder_and_lora(tiny_model_dir, shapes, tmp_path):
