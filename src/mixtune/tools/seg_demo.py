@@ -72,7 +72,7 @@ def make_shapes_coco(root: str, name: str, n_images: int, seed: int = 0, size: i
 
 
 # The tiny SAM's image encoder is random, so the demo trains it too (a real SAM keeps its encoder frozen).
-DEMO = dict(n_train=300, n_val=30, training={"per_device_train_batch_size": 16, "learning_rate": 1e-2,
+DEMO = dict(n_train=300, n_val=30, training={"per_device_train_batch_size": 16, "learning_rate": 3e-3,
                                               "num_train_epochs": 30, "warmup_ratio": 0.05,
                                               "lr_scheduler_type": "cosine", "weight_decay": 0.0,
                                               "freeze_exclude": ["vision_encoder.*"]})
