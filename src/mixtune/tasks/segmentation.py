@@ -152,11 +152,11 @@ def check_prompts(train, evals) -> None:
 def build_data(config, family, model, processor) -> TaskData:
     low_res = low_res_side(model)
     train = build_sample_split(config, "train", read_coco_segmentation, MaskPrep(processor, low_res, True),
-                               "segmentation")
+                               "segmentation", reads="segmentation")
     if train is None:
         raise ConfigError("has no entries", key="dataset.train")
     evals = build_sample_split(config, "eval", read_coco_segmentation, MaskPrep(processor, low_res, False),
-                               "segmentation")
+                               "segmentation", reads="segmentation")
     check_prompts(train, evals)
     log.info("train objects per epoch: %d, eval objects: %d", len(train), len(evals) if evals else 0)
     return TaskData(train=train, eval=eval_argument(evals), collator=collate_masks,
