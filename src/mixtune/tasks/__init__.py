@@ -18,7 +18,7 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification", "dpo", "grpo")
+TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "segmentation")
 
 
 @dataclass
