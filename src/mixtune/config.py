@@ -292,6 +292,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.distributed import apply_parallelism
 
     apply_parallelism(mix, train_kwargs, notes)  # sharding / fsdp / parallel degrees -> TrainingArguments
+    from mixtune.data.workers import apply_loader_default
+
+    apply_loader_default(train_kwargs, notes)  # loader workers overlap data preparation with compute
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
