@@ -283,6 +283,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.qlora import check_quantization
 
     check_quantization(mix, bool(train_kwargs.get("use_cpu")))
+    from mixtune.train.liger import check_liger
+
+    check_liger(bool(train_kwargs.get("use_liger_kernel")), bool(train_kwargs.get("use_cpu")), mix.model_name_or_path)
     if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
         # packs already group samples by length; the length-grouped sampler cannot read packs
         train_kwargs["train_sampling_strategy"] = "random"

@@ -117,7 +117,8 @@ def build_trainer(config: Config):
     trainer.part_rates = PartRates.from_config(mix, family)
     for key, value in data.trainer_attrs.items():
         setattr(trainer, key, value)
-    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
+    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model) and \
+        not args.use_liger_kernel  # Liger's fused loss never materialises the logits (train/liger.py)
     apply_recompute(trainer, family, mix.recompute_vision)
     return trainer
 
