@@ -236,6 +236,8 @@ class PackedLayout:
 
     buckets: list[torch.Tensor]
     inverse: torch.Tensor
+    cu_seqlens: torch.Tensor  # (S + 1,) int32: where each sample starts in the flattened batch, then its end
+    longest: int  # the longest sample's length
 
 
 def sample_layout(position_ids: torch.Tensor, rows: int, length: int) -> PackedLayout | None:
@@ -274,7 +276,8 @@ def sample_layout(position_ids: torch.Tensor, rows: int, length: int) -> PackedL
         buckets.append(torch.where(inside, starts[members][:, None] + steps[None, :], starts[members][:, None]))
         slot[members] = base + torch.arange(end - first, device=device) * longest
         base += (end - first) * longest
-    return PackedLayout(buckets, slot[sample_of] + offset)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+    return PackedLayout(buckets, slot[sample_of] + offset, cu_seqlens, sorted_lengths[0])
 
 
 _last_layout: tuple = (None, None)  # (weakref to the position ids, their layout): one per forward
@@ -294,13 +297,49 @@ def packed_layout(position_ids, query) -> PackedLayout | None:
     return layout
 
 
+def packed_varlen_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """torch's own varlen flash attention (`torch.nn.attention.varlen.varlen_attn`: CUDA, fp16 / bf16) over
+    the packed samples of all rows at once, from the cu_seqlens of `PackedLayout`: flash-attention varlen
+    without the flash-attn package, and without joining the rows into one. Elsewhere (not packed, CPU, fp32)
+    it is transformers' SDPA. GPU only, so checked by benchmarks/packing_gpu_check.py, not by the CPU tests."""
+    layout = packed_layout(position_ids, query) if query.shape[2] == key.shape[2] else None
+    if layout is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, length = query.shape[:3]
+
+    def tokens(t):  # (B, heads, L, D) -> (B * L, heads, D)
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1])
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch >= 2.12 / older
+    if key.shape[1] != heads and "enable_gqa" not in params:
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
+    elif key.shape[1] != heads:
+        causal["enable_gqa"] = True
+    out = varlen_attn(tokens(query), tokens(key), tokens(value), layout.cu_seqlens, layout.cu_seqlens,
+                      layout.longest, layout.longest, scale=kwargs.get("scaling"), **causal)
+    return out.reshape(batch, length, heads, out.shape[-1]), None
+
+
+# torch's varlen attention for packed rows on a GPU (see packed_varlen_attention); not a default yet
+PACKED_VARLEN = "mixtune_packed_varlen"
+
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the SDPA mask, for batches that are not packed
+AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
+AttentionMaskInterface.register(PACKED_VARLEN, sdpa_mask)
 
 
-def use_packed_sdpa(model) -> None:
-    """Switch the language model (only) from SDPA to `PACKED_SDPA`; not saved with the checkpoint."""
-    target = {"text_config": PACKED_SDPA} if "text_config" in getattr(model.config, "sub_configs", {}) else PACKED_SDPA
+def use_packed_sdpa(model, attention: str = PACKED_SDPA) -> None:
+    """Switch the language model (only) from SDPA to `PACKED_SDPA` (or `PACKED_VARLEN`); not saved with the
+    checkpoint."""
+    target = {"text_config": attention} if "text_config" in getattr(model.config, "sub_configs", {}) else attention
     model.set_attn_implementation(target)
 
 
@@ -318,7 +357,7 @@ def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
     """
     if attn_implementation in VARLEN_ATTENTION:
         return "varlen"
-    if attn_implementation == PACKED_SDPA or (attn_implementation == "sdpa" and not on_gpu):
+    if attn_implementation in (PACKED_SDPA, PACKED_VARLEN) or (attn_implementation == "sdpa" and not on_gpu):
         return "per_sample_sdpa"
     return "mask"
 
