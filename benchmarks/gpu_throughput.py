@@ -224,7 +224,7 @@ def run_setting(setting: str, model, opt, family, pad: int, steps_samples, args,
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     shapes = tuple(batches[-1]["input_ids"].shape)
     return {"setting": setting, "tokens_per_s": round(tokens / step, 1), "step_ms": round(1e3 * step, 1),
-            "tflops_per_s": round(flops / step / 1e12, 2), "mfu": round(flops / step / peak, 4) if peak else None,
+            "tflops_per_s": float(f"{flops / step / 1e12:.4g}"), "mfu": round(flops / step / peak, 4) if peak else None,
             "peak_memory_gib": round(memory, 2), "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
             "tokens_per_step": round(tokens), "batch_shape": shapes, "mean_loss": round(statistics.mean(losses), 4)}
 

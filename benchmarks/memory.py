@@ -57,8 +57,8 @@ def state_mib(trainer) -> dict:
     states = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)] \
         if trainer.optimizer is not None else []
     # gradients exist from backward to the optimizer step (the Trainer frees them after): one per trainable weight
-    return {"weights_mib": round(size(params), 1), "grads_mib": round(size(p for p in params if p.requires_grad), 1),
-            "optimizer_mib": round(size(states), 1),
+    return {"weights_mib": round(size(params), 3), "grads_mib": round(size(p for p in params if p.requires_grad), 3),
+            "optimizer_mib": round(size(states), 3),
             "trainable_params": sum(p.numel() for p in params if p.requires_grad)}
 
 
