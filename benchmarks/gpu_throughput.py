@@ -258,7 +258,8 @@ def main() -> None:
     args = p.parse_args()
     on_gpu = torch.cuda.is_available() and not args.tiny
     size = args.size or ("2b" if on_gpu else "tiny")
-    if args.tiny:
+    if not on_gpu and size != "tiny":
+        print(f"# no CUDA GPU (or --tiny): the tiny checkpoint instead of {size}")
         size = "tiny"
     args.max_length = args.max_length or (1024 if size == "tiny" else 4096)
     device = torch.device("cuda" if on_gpu else "cpu")
