@@ -37,6 +37,44 @@ def loop_attention(query, key, value, lengths_per_row, groups):
     return torch.cat(rows)
 
 
+# the packed SDPA mixtune had before session 3 (one SDPA call per sample per row per layer), registered as an
+# attention implementation so that benchmarks/step_profile.py can run it beside the batched one (`packed_loop`)
+LOOP_SDPA = "mixtune_bench_loop_sdpa"
+
+
+def loop_packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    cuts = None
+    if position_ids is not None and position_ids.shape[-1] == length and query.shape[2] == key.shape[2]:
+        pos = position_ids.reshape(-1, length)
+        new = torch.ones_like(pos, dtype=torch.bool)
+        new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+        if new[:, 1:].any():
+            cuts = [row.nonzero().flatten().tolist() + [length] for row in new]
+    if cuts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    rows = []
+    for b, row in enumerate(cuts):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
+                 for s, e in zip(row[:-1], row[1:])]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def register_loop_sdpa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(LOOP_SDPA, loop_packed_sdpa)
+    AttentionMaskInterface.register(LOOP_SDPA, sdpa_mask)
+    return LOOP_SDPA
+
+
 def mask_attention(query, key, value, positions, groups):
     import torch
 
