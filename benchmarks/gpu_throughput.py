@@ -116,7 +116,8 @@ def flops_per_step(model, batch_samples, logits_positions: int) -> float:
     lm = model.model.language_model
     p_layers = sum(p.numel() for p in lm.layers.parameters())
     p_vision = sum(p.numel() for p in model.model.visual.parameters())
-    d_attn = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    d_attn = text.num_attention_heads * head_dim
     tokens = sum(len(s) for s in batch_samples)
     flops = 6 * p_layers * tokens + 6 * text.hidden_size * text.vocab_size * logits_positions
     flops += 6 * text.num_hidden_layers * d_attn * sum(len(s) ** 2 for s in batch_samples)

@@ -54,9 +54,9 @@ def main() -> None:
             patched = copy.deepcopy(model)
             apply_liger_kernel(patched, None)
             packs = PackedDataset(samples[:12], 1024, lengths=[len(s) for s in samples[:12]])
+            pack_rows = PackCollator(pad, partial(family.pack_positions, model), collate_media=family.collate_media)
             batches = {"padded": PadCollator(pad, family.collate_media)(samples[:6]),
-                       "packed": PackCollator(pad, partial(family.pack_positions, model),
-                                              collate_media=family.collate_media)([packs[k] for k in range(len(packs))])}
+                       "packed": pack_rows([packs[k] for k in range(len(packs))])}
             for kind, batch in batches.items():
                 got = {}
                 for which, m in (("off", model), ("on", patched)):

@@ -36,7 +36,8 @@ def test_without_a_cuda_gpu_train_stops_in_one_line(config_file, capsys):
 def test_without_liger_installed_the_line_gives_the_pip_command(config_file, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
     with pytest.raises(ConfigError, match=r"^config key 'use_liger_kernel': needs liger-kernel, which is not "
                                           r"installed: pip install 'mixtune\[liger\]'$"):
         load_config(config_file, {"use_liger_kernel": True, "device": "gpu"})
