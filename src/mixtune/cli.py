@@ -59,6 +59,11 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
+    if args.task in ("dpo", "grpo"):  # after the chat demo's SFT (tools/pref_demo.py)
+        from mixtune.tools.pref_demo import run_pref_demo
+
+        print(json.dumps(run_pref_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
+        return 0
     if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
         from mixtune.tools.task_demo import run_task_demo
 
@@ -204,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
-    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification"],
-                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1")
+    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "dpo", "grpo"],
+                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
+                        "dpo / grpo: preference / RL tuning of the chat demo's model")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")

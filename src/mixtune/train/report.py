@@ -13,7 +13,8 @@ def write_metrics(output_dir: str, log_history: list[dict], final: dict) -> str:
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     with open(path, "w") as f:
         json.dump({"final": final, "train_loss": train, "eval_loss": evals,
-                   "generation_eval": generation_metrics(log_history), "log_history": log_history}, f, indent=1)
+                   "generation_eval": generation_metrics(log_history), "rewards": reward_metrics(log_history),
+                   "log_history": log_history}, f, indent=1)
     return path
 
 
@@ -29,6 +30,21 @@ def generation_metrics(log_history: list[dict]) -> dict[str, list]:
     return out
 
 
+# What the TRL-backed tasks log (tasks/dpo.py, tasks/grpo.py): DPO's implicit reward margin and accuracy, GRPO's
+# mean reward; each also with the eval_ prefix
+REWARD_KEYS = ("rewards/margins", "rewards/accuracies", "reward")
+
+
+def reward_metrics(log_history: list[dict]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for h in log_history:
+        for key in REWARD_KEYS:
+            for name in (key, f"eval_{key}"):
+                if name in h:
+                    out.setdefault(name, []).append((h["step"], h[name]))
+    return out
+
+
 def plot_loss(output_dir: str, log_history: list[dict]) -> str | None:
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
@@ -39,7 +55,7 @@ def plot_loss(output_dir: str, log_history: list[dict]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = generation_metrics(log_history)
+    scores = {**generation_metrics(log_history), **reward_metrics(log_history)}
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 6, 4), squeeze=False)
     ax = axes[0][0]
     if scores:
@@ -47,7 +63,7 @@ def plot_loss(output_dir: str, log_history: list[dict]) -> str | None:
         for key, points in scores.items():
             panel.plot(*zip(*points), "o-", label=key)
         panel.set_xlabel("optimizer step")
-        panel.set_ylabel("generation eval")
+        panel.set_ylabel("generation eval / rewards")
         panel.legend()
         panel.grid(alpha=0.3)
     if train:
