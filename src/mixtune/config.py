@@ -290,6 +290,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.qlora import check_quantization
 
     check_quantization(mix, bool(train_kwargs.get("use_cpu")))
+    from mixtune.train.liger import check_liger
+
+    check_liger(bool(train_kwargs.get("use_liger_kernel")), bool(train_kwargs.get("use_cpu")), mix.model_name_or_path)
     if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
         # packs already group samples by length; the length-grouped sampler cannot read packs
         train_kwargs["train_sampling_strategy"] = "random"
@@ -299,6 +302,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.distributed import apply_parallelism
 
     apply_parallelism(mix, train_kwargs, notes)  # sharding / fsdp / parallel degrees -> TrainingArguments
+    from mixtune.data.workers import apply_loader_default
+
+    apply_loader_default(train_kwargs, notes)  # loader workers overlap data preparation with compute
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))
