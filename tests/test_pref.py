@@ -1,4 +1,4 @@
-"""Preference and RL tuning through TRL (task: dpo, grpo) on tiny Qwen2-VL checkpoints."""
+"""Preference and RL tuning through TRL (task: dpo, kto, grpo) on tiny Qwen2-VL checkpoints."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_only_chat_checkpoints_take_preference_tasks(tiny_model_dir, colour_pair
     from mixtune.models.registry import get_family
     from mixtune.tasks import task_name
 
-    assert get_family("qwen2_vl").task_choices == ("chat", "dpo", "grpo")
+    assert get_family("qwen2_vl").task_choices == ("chat", "dpo", "kto", "grpo")
     assert get_family("clip").task_choices == ("contrastive",)
     config = build_config(base_config(tiny_model_dir("clip"), str(colour_pairs / "pairs.json"), tmp_path / "o"))
     with pytest.raises(ConfigError, match="trains for 'contrastive', not 'dpo'"):

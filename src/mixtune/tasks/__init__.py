@@ -18,9 +18,9 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification", "dpo", "grpo")
+TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "kto")
 # config keys only some tasks read: set under any other task they would be silently ignored, so they are refused
-TASK_KEYS = {"trl": ("dpo", "grpo"), "reward_funcs": ("grpo",)}
+TASK_KEYS = {"trl": ("dpo", "kto", "grpo"), "reward_funcs": ("grpo",)}
 
 
 @dataclass
