@@ -34,8 +34,8 @@ def colour_replies(tmp_path_factory):
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (56, 56), rgb).save(root / f"{i}.png")
         for reply, label in ((name, True), (f"The colour of it is {name}.", False)):
-            records.append({"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": reply}],
-                            "label": label, "images": [f"{i}.png"]})
+            turns = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": reply}]
+            records.append({"messages": turns, "label": label, "images": [f"{i}.png"]})
     (root / "kto.json").write_text(json.dumps(records))
     pairs = [{"prompt": QUESTION, "chosen": name, "rejected": f"The colour of it is {name}.", "images": [f"{i}.png"]}
              for i, name in enumerate(COLOURS)]
