@@ -70,7 +70,8 @@ class MixtuneArgs:
         "help": "QLoRA: 4bit or 8bit bitsandbytes weights for the language model under LoRA adapters (GPU only)"})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4 (double quantisation on)"})
     benchmark: bool = field(default=False, metadata={
-        "help": "log throughput (samples/s, steps/s) at the end of training"})
+        "help": "also log the Trainer's samples/s and steps/s at the end of training (real tokens/s, token and "
+                "packing fill, peak memory and, on a GPU, MFU are always in the summary and metrics.json)"})
     fp16_opt_level: str = field(default="O1", metadata={
         "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
     eval_with_do_generation: bool = field(default=False, metadata={
