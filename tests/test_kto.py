@@ -50,10 +50,12 @@ def test_kto_raises_the_desirable_over_undesirable_margin(tiny_model_dir, colour
     train(build_config(kto_config(tiny_model_dir("qwen2_vl"), str(colour_replies / "kto.json"), out, max_steps=4)))
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
-    print("KTO margins", margins, [h.get("kl") for h in history if "kl" in h])
     assert len(margins) == 4
     assert margins[0] == 0.0  # step 1: the policy is the reference
     assert min(margins[1:]) > 0.1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s for s, _ in metrics["rewards"]["rewards/margins"]] == [1, 2, 3, 4]  # plotted beside the loss
+    assert (out / "loss_curve.png").exists() and (out / "model.safetensors").exists()
 
 
 def test_kto_with_lora_trains_only_the_adapters(tiny_model_dir, colour_replies, tmp_path):
