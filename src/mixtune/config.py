@@ -44,11 +44,11 @@ class MixtuneArgs:
     freeze_head: bool = field(default=False, metadata={
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
-        "help": "chat, contrastive, classification, dpo or grpo; default: the checkpoint's (a CLIPModel is "
+        "help": "chat, contrastive, classification, dpo, kto or grpo; default: the checkpoint's (a CLIPModel is "
                 "contrastive)"})
     trl: dict = field(default_factory=dict, metadata={
-        "help": "dpo / grpo: options of TRL's DPOConfig / GRPOConfig as TRL names them, e.g. {beta: 0.1, "
-                "loss_type: ipo}"})
+        "help": "dpo / kto / grpo: options of TRL's DPOConfig / KTOConfig / GRPOConfig as TRL names them, e.g. "
+                "{beta: 0.1, loss_type: ipo}"})
     reward_funcs: list[str] = field(default_factory=list, metadata={
         "help": "grpo: rewards by name (exact_match, format, boxed_accuracy) or a Python function as 'pkg.mod:fn'"})
     mixup_alpha: float = field(default=0.0, metadata={
