@@ -120,15 +120,7 @@ def read_image(img: Any, index: int, path: str, root: str, check_files: bool) ->
 def read_annotation(ann: Any, index: int, image: DetectionImage, categories: dict[int, str],
                     path: str) -> DetectionAnnotation:
     where = dict(file=path, index=index)
-    bbox = _required(ann, "bbox", path, index)
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        raise DataError(f"bbox must be [x, y, w, h] numbers, got {bbox!r}", field="bbox", **where)
-    x, y, w, h = (float(v) for v in bbox)
-    if w <= 0 or h <= 0:
-        raise DataError(f"bbox has a non-positive size (w={w:g}, h={h:g})", field="bbox", **where)
-    if x < 0 or y < 0 or x + w > image.width + 0.5 or y + h > image.height + 0.5:
-        raise DataError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside its {image.width}x{image.height} image",
-                        field="bbox", **where)
+    bbox = check_box(_required(ann, "bbox", path, index), image.width, image.height, dict(where, field="bbox"))
     category_id = _required(ann, "category_id", path, index)
     if category_id not in categories:
         raise DataError(f"unknown category_id {category_id!r}; the file's categories are {sorted(categories)}",
@@ -139,9 +131,22 @@ def read_annotation(ann: Any, index: int, image: DetectionImage, categories: dic
     area = ann.get("area")
     if area is not None and (not _is_number(area) or area < 0):
         raise DataError(f"area must be a non-negative number, got {area!r}", field="area", **where)
-    return DetectionAnnotation(bbox=(x, y, w, h), category_id=category_id, iscrowd=int(iscrowd),
+    return DetectionAnnotation(bbox=bbox, category_id=category_id, iscrowd=int(iscrowd),
                                area=None if area is None else float(area), segmentation=ann.get("segmentation"),
                                index=index, id=ann.get("id"))
+
+
+def check_box(bbox: Any, width: float, height: float, where: dict) -> tuple[float, float, float, float]:
+    """[x, y, w, h] in pixels inside a width x height image (half a pixel of rounding allowed), as floats.
+    `where`: the DataError's file / index / line / field."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise DataError(f"bbox must be [x, y, w, h] numbers, got {bbox!r}", **where)
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        raise DataError(f"bbox has a non-positive size (w={w:g}, h={h:g})", **where)
+    if x < -0.5 or y < -0.5 or x + w > width + 0.5 or y + h > height + 0.5:
+        raise DataError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside its {width}x{height} image", **where)
+    return x, y, w, h
 
 
 def _required(ann: Any, key: str, path: str, index: int):
