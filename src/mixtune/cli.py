@@ -59,6 +59,12 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
+    if args.task == "detection":  # a tiny Grounding DINO on drawn shapes (tools/detection_demo.py)
+        from mixtune.tools.detection_demo import run_detection_demo
+
+        out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_detection"
+        print(json.dumps(run_detection_demo(out, parse_overrides(extra)), indent=1))
+        return 0
     if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
         from mixtune.tools.task_demo import run_task_demo
 
@@ -121,6 +127,12 @@ def cmd_predict(args, extra) -> int:
         if not raw:
             raise MixtuneError("--model is required (or --config, whose output_dir holds the trained model)")
         model, lora = model_from_config(raw)
+    if is_detector(model, lora):  # boxes, not text: COCO results and drawn pictures
+        from mixtune.infer.detection_predict import predict_detection
+
+        print(json.dumps(predict_detection(model, entries, args.output_dir, args.draw, args.batch_size,
+                                           args.threshold, lora), indent=1))
+        return 0
     options = generation_options(args)
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
@@ -128,6 +140,14 @@ def cmd_predict(args, extra) -> int:
     summary = predict(engine, items, options, args.output_dir, args.batch_size, metrics)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def is_detector(model: str | None, lora: str | None) -> bool:
+    from mixtune.models.registry import family_for_checkpoint
+    from mixtune.tools.merge_lora import read_adapter_config
+
+    base = model or read_adapter_config(lora).get("base_model_name_or_path")
+    return bool(base) and family_for_checkpoint(base).task == "detection"
 
 
 def cmd_serve(args, extra) -> int:
@@ -161,6 +181,11 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
+    if args.format == "onnx":  # detection / segmentation checkpoints (mixtune/export_onnx/)
+        from mixtune.export_onnx import export_onnx
+
+        print(json.dumps(export_onnx(args.model, args.to), indent=1))
+        return 0
     from mixtune.export import export
 
     report = export(args.model, args.to, args.lora_path, args.dtype)
@@ -204,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
-    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification"],
-                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1")
+    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "detection"],
+                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
+                   "detection: tiny Grounding DINO, COCO AP50")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")
@@ -218,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="predictions")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
+    p.add_argument("--draw", action="store_true", help="detection / segmentation: also write PNGs with the "
+                   "predictions drawn (output_dir/drawn/)")
+    p.add_argument("--threshold", type=float, default=0.3, help="with --draw: the lowest score drawn")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -249,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="new folder for the export")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights; auto: the checkpoint's own")
+    p.add_argument("--format", default="hf", choices=["hf", "onnx"], help="hf: a transformers folder; onnx: "
+                   "ONNX graphs checked with onnxruntime (detection and segmentation families)")
     p.set_defaults(func=cmd_export)
     return parser
 

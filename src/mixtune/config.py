@@ -43,6 +43,8 @@ class MixtuneArgs:
         "help": "freeze everything but the classifier head (classification families: timm); adds to freeze_include"})
     freeze_head: bool = field(default=False, metadata={
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
+    freeze_text_encoder: bool = field(default=False, metadata={
+        "help": "freeze the text encoder (detection families: Grounding DINO's BERT); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
         "help": "chat, contrastive or classification; default: the checkpoint's (a CLIPModel is contrastive)"})
     mixup_alpha: float = field(default=0.0, metadata={
