@@ -275,11 +275,12 @@ def test_phrase_masks_without_cummax_equal_transformers():
             assert torch.equal(a, b)
 
 
-def test_onnx_export_matches_torch(tmp_path, gd_dir):
-    from mixtune.export_onnx import export_onnx
+def test_onnx_export_matches_torch(tmp_path, gd_dir, capsys):
+    from mixtune.cli import main
     from mixtune.export_onnx.grounding_dino import run_onnx
 
-    report = export_onnx(gd_dir, str(tmp_path / "onnx"))
+    assert main(["export", "--model", gd_dir, "--to", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["max_abs_diff"] < 1e-3
     # other inputs than the traced ones: another batch size and prompt length
     from transformers import AutoProcessor, GroundingDinoForObjectDetection

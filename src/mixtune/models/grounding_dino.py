@@ -79,10 +79,11 @@ FAMILY = Family(
     image_placeholder="",
     build_tiny=build_tiny,
     language=TEXT_ENCODER,
-    # the encoder-decoder's attention and feed-forward projections (deformable attention's own offsets excluded)
-    lora_targets=r"model\.(encoder|decoder)\.layers\.\d+\..*(self_attn\.(query|key|value|out_proj)|fc1|fc2)$",
     uses_chat_template=False,
+    requires=("scipy", "pycocotools"),  # the loss's Hungarian matcher; COCO mAP (pip install 'mixtune[detection]')
     auto_class="GroundingDinoForObjectDetection",
     task="detection",
+    # peft stops in transformers: GroundingDinoModel has no get_input_embeddings (peft looks for tied weights)
+    supports_lora=False,
     parts=(("backbone", BACKBONE), ("text_encoder", TEXT_ENCODER), ("encoder_decoder", ENCODER_DECODER)),
 )

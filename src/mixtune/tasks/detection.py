@@ -28,6 +28,10 @@ TOP_K = 100  # detections kept per image for COCO eval (COCO's own maxDets)
 def load(mix, family, **_):
     from mixtune.models.loading import load_model_and_processor
 
+    if mix.lora and not family.supports_lora:
+        raise ConfigError(f"LoRA on {family.name} is not supported yet (peft needs the model's input embeddings, "
+                          "which transformers' GroundingDinoModel does not expose); train fully, or freeze parts "
+                          "(freeze_backbone, freeze_text_encoder)", key="lora")
     _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     return model, processor
 
