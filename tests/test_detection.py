@@ -137,14 +137,16 @@ def test_decode_scores_each_phrase_by_its_own_tokens(gd_dir):
 
     ids = AutoProcessor.from_pretrained(gd_dir).tokenizer(["red circle . blue square ."], return_tensors="pt")
     ids = ids["input_ids"]  # [CLS] red circle . blue square . [SEP]
-    logits = torch.full((1, 3, 64), -10.0)
-    logits[0, 0, 5] = 4.0  # query 0: "square" -> phrase 1
-    logits[0, 2, 1] = 2.0  # query 2: "red" -> phrase 0
+    logits = torch.full((1, 3, 64), -30.0)
+    logits[0, 0, 4:6] = 4.0  # query 0: "blue square" -> phrase 1
+    logits[0, 2, 1] = 2.0  # query 2: "red" but not "circle" -> half of phrase 0
+    logits[0, 1, 2] = 3.0  # query 1: "circle" alone: half of phrase 0, above query 2
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.25, 0.75, 0.5, 0.5]]])
     (xywh, phrases, scores), = decode_detections(logits, boxes, ids, [(100, 50)], top_k=2)
+    sigmoid = lambda v: torch.sigmoid(torch.tensor(v)).item()  # noqa: E731
     assert phrases == [1, 0]
-    assert scores == pytest.approx([torch.sigmoid(torch.tensor(4.0)).item(), torch.sigmoid(torch.tensor(2.0)).item()])
-    assert xywh[0] == pytest.approx([40.0, 15.0, 20.0, 20.0]) and xywh[1] == pytest.approx([0.0, 25.0, 50.0, 25.0])
+    assert scores == pytest.approx([sigmoid(4.0), sigmoid(3.0) / 2], abs=1e-6)  # a phrase scores its tokens' mean
+    assert xywh[0] == pytest.approx([40.0, 15.0, 20.0, 20.0]) and xywh[1] == pytest.approx([5.0, 2.5, 10.0, 5.0])
 
 
 def fixture_samples(tmp_path, shapes):

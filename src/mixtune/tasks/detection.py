@@ -118,12 +118,18 @@ def build_data(config, family, model, processor) -> TaskData:
 
 
 def phrase_scores(logits: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per image, a (queries, phrases) score: the highest token probability within each phrase of the prompt
-    (the phrases split as the model's own loss splits them)."""
+    """Per image, a (queries, phrases) score: the mean token probability over each phrase of the prompt (the
+    phrases split as the model's own loss splits them). The mean, as Grounding DINO's own COCO evaluation
+    weighs a phrase's tokens: a highest-token score would rate "red circle" and "yellow circle" alike
+    wherever "circle" fires."""
     from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
     probs = logits.sigmoid()
-    return [(p[:, None, :] * m[None].to(p)).amax(-1) for p, m in zip(probs, build_label_maps(logits, input_ids))]
+    out = []
+    for p, m in zip(probs, build_label_maps(logits, input_ids)):
+        weights = m.to(p) / m.sum(-1, keepdim=True).clamp(min=1).to(p)  # (phrases, tokens)
+        out.append(p @ weights.T)
+    return out
 
 
 def decode_detections(logits, pred_boxes, input_ids, sizes: list[tuple[int, int]], top_k: int = TOP_K):

@@ -68,7 +68,7 @@ def make_detection_data(root: str, n_images: int, split: str, seed: int = 0, max
     return path
 
 
-DEMO_TRAINING = {"per_device_train_batch_size": 8, "learning_rate": 1e-3, "num_train_epochs": 16,
+DEMO_TRAINING = {"per_device_train_batch_size": 8, "learning_rate": 1e-3, "num_train_epochs": 30,
                  "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "weight_decay": 1e-4, "max_grad_norm": 0.1}
 
 
