@@ -127,13 +127,13 @@ def cmd_predict(args, extra) -> int:
         if not raw:
             raise MixtuneError("--model is required (or --config, whose output_dir holds the trained model)")
         model, lora = model_from_config(raw)
+    options = generation_options(args)
     if is_detector(model, lora):  # boxes, not text: COCO results and drawn pictures
         from mixtune.infer.detection_predict import predict_detection
 
         print(json.dumps(predict_detection(model, entries, args.output_dir, args.draw, args.batch_size,
                                            args.threshold, lora), indent=1))
         return 0
-    options = generation_options(args)
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -143,11 +143,14 @@ def cmd_predict(args, extra) -> int:
 
 
 def is_detector(model: str | None, lora: str | None) -> bool:
+    import os
+
     from mixtune.models.registry import family_for_checkpoint
     from mixtune.tools.merge_lora import read_adapter_config
 
     base = model or read_adapter_config(lora).get("base_model_name_or_path")
-    return bool(base) and family_for_checkpoint(base).task == "detection"
+    # a local checkpoint only: anything else is for the chat engine to load (or to refuse) as before
+    return bool(base) and os.path.isdir(base) and family_for_checkpoint(base).task == "detection"
 
 
 def cmd_serve(args, extra) -> int:
