@@ -11,6 +11,7 @@ from mixtune.errors import MixtuneError
 # family name -> "module:function", the function (model_dir, out_dir) -> report dict
 EXPORTERS = {
     "grounding_dino": "mixtune.export_onnx.grounding_dino:export_grounding_dino",
+    "sam": "mixtune.export_onnx.sam:export_sam",
 }
 
 

@@ -103,10 +103,10 @@ def check_prompts(datasets, tokenizer, max_text_len: int) -> None:
 
 def build_data(config, family, model, processor) -> TaskData:
     prep = DetectionPrep()
-    train = build_sample_split(config, "train", read_samples, prep, "detection")
+    train = build_sample_split(config, "train", read_samples, prep, "detection", reads="detection")
     if train is None:
         raise ConfigError("has no entries", key="dataset.train")
-    evals = build_sample_split(config, "eval", read_samples, prep, "detection")
+    evals = build_sample_split(config, "eval", read_samples, prep, "detection", reads="detection")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_prompts([train, evals], processor.tokenizer, base.config.max_text_len)
     log.info("train images per epoch: %d, eval images: %d", len(train), len(evals) if evals else 0)
