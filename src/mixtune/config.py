@@ -43,6 +43,8 @@ class MixtuneArgs:
         "help": "freeze everything but the classifier head (classification families: timm); adds to freeze_include"})
     freeze_head: bool = field(default=False, metadata={
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
+    freeze_text_encoder: bool = field(default=False, metadata={
+        "help": "freeze the text encoder (detection families: Grounding DINO's BERT); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
         "help": "chat, contrastive, classification, dpo, kto or grpo; default: the checkpoint's (a CLIPModel is "
                 "contrastive)"})

@@ -15,6 +15,7 @@ FAMILY_MODULES = [
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
+    "grounding_dino",  # detection
 ]
 
 # Other names users write for a family.

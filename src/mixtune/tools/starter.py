@@ -141,7 +141,29 @@ def classification_starter(family, lora: bool, mixtoken: bool) -> list[str]:
     return lines
 
 
-STARTERS = {"chat": chat_starter, "contrastive": contrastive_starter, "classification": classification_starter}
+def detection_starter(family, lora: bool, mixtoken: bool) -> list[str]:
+    lines = ["dataset:", "  train:", "    - name: coco_detection",
+             f"      data_files: {FILL_IN}    # a COCO instances JSON; or name: odvg (Grounding DINO's JSONL) "
+             "or refcoco",
+             "      # image_root: train2017",
+             "  # eval:    # adds eval_map, eval_map_50, eval_map_75 (COCO box mAP)",
+             "  #   - name: coco_detection", "  #     data_files: instances_val.json",
+             "", f"output_dir: output/{family.name}_detection",
+             "per_device_train_batch_size: 4",
+             "num_train_epochs: 12",
+             "learning_rate: 1.0e-04",
+             "weight_decay: 1.0e-04",
+             "max_grad_norm: 0.1",
+             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
+             "logging_steps: 10",
+             "save_strategy: epoch",
+             "save_total_limit: 2",
+             ""]
+    return lines + parts_lines(family, ("text_encoder",))  # BERT kept as released
+
+
+STARTERS = {"chat": chat_starter, "contrastive": contrastive_starter, "classification": classification_starter,
+            "detection": detection_starter}
 
 
 def starter_config(family_name: str, lora: bool = False, mixtoken: bool = False) -> str:
