@@ -309,3 +309,12 @@ def test_detection_demo_reaches_ap50(tmp_path):
     report = run_detection_demo(str(tmp_path / "demo"))
     assert report["before"] < 0.05 and report["after"] >= 0.5
     assert os.path.isfile(report["drawn_prediction"])
+
+
+def test_eager_attention_is_refused_for_grounding_dino(gd_dir):
+    # transformers' eager path mixes the prompt's phrases for this family: loading must refuse, not train it
+    from mixtune.errors import ConfigError
+    from mixtune.models.loading import load_model_and_processor
+
+    with pytest.raises(ConfigError, match="attn_implementation.*eager.*grounding_dino"):
+        load_model_and_processor(gd_dir, attn_implementation="eager")

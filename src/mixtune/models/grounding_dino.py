@@ -80,6 +80,9 @@ FAMILY = Family(
     build_tiny=build_tiny,
     language=TEXT_ENCODER,
     uses_chat_template=False,
+    # measured with transformers 5.24: under eager attention its BERT adds the boolean phrase mask to the
+    # scores instead of masking, so each phrase's tokens see the other phrases
+    refused_attn={"eager": "transformers' eager path mixes the prompt's phrases (the default sdpa is correct)"},
     requires=("scipy", "pycocotools"),  # the loss's Hungarian matcher; COCO mAP (pip install 'mixtune[detection]')
     auto_class="GroundingDinoForObjectDetection",
     task="detection",
