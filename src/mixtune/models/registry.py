@@ -13,6 +13,7 @@ FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
+    "audioldm2",  # text_to_audio (a diffusers pipeline folder)
 ]
 
 # Other names users write for a family.
@@ -61,6 +62,10 @@ def read_model_type(model_name_or_path: str) -> str:
             from mixtune.models.open_clip_family import model_type_of
 
             return model_type_of(model_name_or_path)  # open_clip's own folder format
+        if not os.path.exists(config_path) and os.path.exists(os.path.join(model_name_or_path, "model_index.json")):
+            from mixtune.models.audioldm2 import model_type_of as diffusers_model_type
+
+            return diffusers_model_type(model_name_or_path)  # a diffusers pipeline folder
         if not os.path.exists(config_path):
             raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
         with open(config_path) as f:

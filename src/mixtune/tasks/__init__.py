@@ -18,7 +18,7 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification")
+TASKS = ("chat", "contrastive", "classification", "text_to_audio")
 
 
 @dataclass

@@ -49,7 +49,7 @@ def build_sample_split(config, split: str, read: Callable, prepare: Callable, ta
     entries = parse_entries(raw, split, config.base_dir, {k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
     parts = []
     for i, entry in enumerate(entries):
-        wanted = "classification" if task == "classification" else "chat"
+        wanted = task if task in ("classification", "text_to_audio") else "chat"
         if reader_task(entry.name) != wanted:
             raise ConfigError(f"'{entry.name}' data does not fit the {task} task", key=f"dataset.{split}[{i}].name")
         bad = BadSamples(entry.on_bad_sample, entry=entry.label(), strict_fields=entry.strict_fields)
