@@ -209,3 +209,47 @@ def test_bad_audio_stops_the_run_by_default(tiny_pipeline, bad_clips, tmp_path):
 
     with pytest.raises(DataError, match="caption"):  # the reader sees the empty caption first
         train(config(tmp_path, tiny_pipeline, bad_clips, entry("bad.jsonl"), max_steps=2))
+
+
+def test_hf_audio_dataset_decodes_lazily_and_names_bad_rows(tiny_pipeline, tones, tmp_path):
+    import datasets
+
+    from mixtune.models.audioldm2 import load_pipeline, mel_settings, segment_frames
+    from mixtune.tasks.text_to_audio import ClipPrep
+    from mixtune.data.badsamples import BadSamples
+    from mixtune.data.dataset import parse_entries
+    from mixtune.data.formats import get_reader
+
+    rows = {"sound": [{"bytes": (tones / "0.wav").read_bytes(), "path": None},
+                      {"bytes": b"not audio", "path": None}],
+            "text": ["a low tone", "a broken clip"]}
+    cell = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({"sound": cell, "text": datasets.Value("string")}))
+    ds = ds.cast_column("sound", datasets.Audio(decode=False))  # an Audio column, as datasets' audio sets have
+    ds.save_to_disk(str(tmp_path / "hf"))
+    (e,) = parse_entries([{"name": "hf_audio_captions", "data_files": "hf", "columns": {"audio": "sound",
+                                                                                          "caption": "text"}}],
+                         "train", str(tmp_path))
+    samples = get_reader("hf_audio_captions")(e, BadSamples("error"))
+    pipe = load_pipeline(tiny_pipeline)
+    prep = ClipPrep(mel_settings(pipe.vocoder.config), segment_frames(pipe))
+    from mixtune.models.audioldm2 import log_mel
+
+    expected = log_mel(torch.from_numpy(tone(1000, amp=0.3)[:256]), prep.settings)  # the same clip, from its WAV
+    got = prep(samples[0])
+    assert got["caption"] == "a low tone" and torch.allclose(got["mel"][0], expected, atol=1e-3)
+    with pytest.raises(DataError) as err:
+        prep(samples[1])
+    assert err.value.index == 1 and err.value.field == "audio" and "cannot decode" in err.value.reason
+
+
+def test_without_diffusers_the_task_stops_with_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from mixtune.models import audioldm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(audioldm2.MixtuneError) as err:
+        audioldm2.load_pipeline(str(tmp_path))
+    assert "pip install 'mixtune[diffusion]'" in str(err.value) and "\n" not in str(err.value)

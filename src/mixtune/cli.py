@@ -59,6 +59,12 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
+    if args.task == "text_to_audio":  # a tiny AudioLDM2 learns pitch from captions (tools/audio_demo.py)
+        from mixtune.tools.audio_demo import run_audio_demo
+
+        print(json.dumps(run_audio_demo(args.output_dir if args.output_dir != "runs/demo" else "runs/demo_audio",
+                                        parse_overrides(extra)), indent=1))
+        return 0
     if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
         from mixtune.tools.task_demo import run_task_demo
 
@@ -204,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
-    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification"],
-                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1")
+    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "text_to_audio"],
+                   help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
+                        "text_to_audio: tiny AudioLDM2, pitch of generated tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")

@@ -138,8 +138,9 @@ def mel_settings(vocoder_config) -> dict:
     return dict(rate=int(vocoder_config.sampling_rate), hop=hop, n_fft=n_fft, n_mels=int(vocoder_config.model_in_dim))
 
 
-def log_mel(samples: torch.Tensor, settings: dict) -> torch.Tensor:
-    """(n,) waveform -> (n // hop, n_mels) log-mel spectrogram."""
+def log_mel(samples: torch.Tensor, settings: dict, soft_floor: bool = False) -> torch.Tensor:
+    """(n,) waveform -> (n // hop, n_mels) log-mel spectrogram. `soft_floor`: log(x + 1e-5) instead of the
+    clamp, so that a gradient reaches a near-silent waveform (fitting a vocoder)."""
     import numpy as np
     from transformers.audio_utils import mel_filter_bank
 
@@ -153,7 +154,8 @@ def log_mel(samples: torch.Tensor, settings: dict) -> torch.Tensor:
                       center=False, return_complex=True).abs()  # (freq, frames)
     mel = torch.from_numpy(np.asarray(fb, dtype=np.float32)).T @ spec
     frames = len(samples) // hop
-    return torch.log(torch.clamp(mel[:, :frames], min=1e-5)).T.contiguous()
+    mel = mel[:, :frames]
+    return (torch.log(mel + 1e-5) if soft_floor else torch.log(torch.clamp(mel, min=1e-5))).T.contiguous()
 
 
 def segment_frames(pipeline) -> int:
@@ -162,7 +164,8 @@ def segment_frames(pipeline) -> int:
 
 
 # --- the tiny pipeline ---------------------------------------------------------------------------------------
-TINY_WORDS = ("a low tone", "a high tone", "a dog barks", "rain falls", "a bell rings", "music", "speech", "noise")
+TINY_WORDS = ("a low tone", "a high tone", "a dog barks", "rain falls", "a bell rings", "music", "speech", "noise",
+              "soft loud steady pure clear short long quiet")  # the demo's caption words
 
 
 def tiny_roberta_tokenizer():

@@ -48,7 +48,7 @@ EVAL_SEED = 1234  # eval loss at the same noise and timesteps every time: compar
 def load(mix, family):
     from mixtune.models.audioldm2 import AudioLDM2ForTraining, load_pipeline
 
-    family.check_requires()
+    # load_pipeline names the pip command when diffusers is missing
     model = AudioLDM2ForTraining(load_pipeline(mix.model_name_or_path))
     if not mix.freeze_include:  # the default: only the UNet trains
         for name, param in model.named_parameters():
