@@ -253,3 +253,21 @@ def test_without_diffusers_the_task_stops_with_the_pip_command(monkeypatch, tmp_
     with pytest.raises(audioldm2.MixtuneError) as err:
         audioldm2.load_pipeline(str(tmp_path))
     assert "pip install 'mixtune[diffusion]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tiny_pipeline, tones, tmp_path):
+    from safetensors.torch import load_file
+
+    from mixtune.train.run import train
+
+    def unet(folder):
+        return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
+    train(config(tmp_path / "a", tiny_pipeline, tones, entry(), **common))
+    straight = unet(tmp_path / "a" / "out")
+    assert os.path.exists(tmp_path / "a" / "out" / "checkpoint-2" / "model_index.json")
+    train(config(tmp_path / "a", tiny_pipeline, tones, entry(), **common,
+                 resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"), overwrite_output_dir=False))
+    resumed = unet(tmp_path / "a" / "out")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -77,6 +77,16 @@ class AudioLDM2ForTraining(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode: no dropout in the conditioning the UNet learns from (nor in the
+        cached one), and no random draws that would make a resumed run differ from an uninterrupted one."""
+        super().train(mode)
+        for name in MODULE_PARTS:
+            part = getattr(self, name)
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
     @property
     def text_side_frozen(self) -> bool:
         parts = (self.text_encoder, self.text_encoder_2, self.projection_model, self.language_model)
