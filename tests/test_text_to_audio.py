@@ -152,7 +152,7 @@ def test_csv_and_generation_eval_write_wavs_with_clap_similarity(tiny_pipeline, 
     import wave
 
     with wave.open(str(folder / "0000.wav")) as f:
-        assert f.getframerate() == RATE and f.getnframes() == 256 and f.getnchannels() == 1
+        assert f.getframerate() == RATE and f.getnframes() == 1024 and f.getnchannels() == 1  # 64 frames x hop 16
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,8 @@ def test_hf_audio_dataset_decodes_lazily_and_names_bad_rows(tiny_pipeline, tones
     prep = ClipPrep(mel_settings(pipe.vocoder.config), segment_frames(pipe))
     from mixtune.models.audioldm2 import log_mel
 
-    expected = log_mel(torch.from_numpy(tone(1000, amp=0.3)[:256]), prep.settings)  # the same clip, from its WAV
+    clip = np.pad(tone(1000, amp=0.3), (0, 1024 - 320))  # the same clip, padded to the segment
+    expected = log_mel(torch.from_numpy(clip), prep.settings)
     got = prep(samples[0])
     assert got["caption"] == "a low tone" and torch.allclose(got["mel"][0], expected, atol=1e-3)
     with pytest.raises(DataError) as err:

@@ -203,8 +203,10 @@ def tiny_t5_tokenizer():
 
 
 def build_tiny_pipeline():
-    """AudioLDM2Pipeline with every part real and random at toy sizes (diffusers' own pipeline test sizes):
-    a 16 kHz, 8-mel-bin, hop-4 spectrogram of 64 frames (256 samples, 16 ms)."""
+    """AudioLDM2Pipeline with every part real and random at toy sizes (diffusers' own pipeline test sizes, but a
+    hop of 16): a 16 kHz, 8-mel-bin spectrogram of 64 frames (1024 samples, 64 ms). The vocoder turns a steady
+    spectrogram into a waveform periodic in its hop, so it can only voice multiples of rate / hop: hop 16 allows
+    every multiple of 1 kHz (the test sizes' hop of 4 only 4 and 8 kHz)."""
     require_diffusers()
     from diffusers import AudioLDM2Pipeline, AutoencoderKL, DDIMScheduler
     from diffusers.pipelines.audioldm2 import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel
@@ -245,8 +247,8 @@ def build_tiny_pipeline():
     seeded()
     projection_model = AudioLDM2ProjectionModel(text_encoder_dim=16, text_encoder_1_dim=32, langauge_model_dim=16)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
-        model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[2, 2],
-        upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[4, 4],
+        upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
         normalize_before=False))
     return AudioLDM2Pipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                              projection_model=projection_model, language_model=language_model, tokenizer=tokenizer,

@@ -106,9 +106,9 @@ def support_table() -> str:
         chat = fam.task == "chat"
         lora = "yes" if fam.supports_lora else "no"
         rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-",
-                     ",".join(fam.media_kinds), fam.task,
+                     ",".join(fam.media_kinds) or "-", fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
         "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
-        "contrastive and classification families by tests/test_tasks.py)"
+        "contrastive and classification families by tests/test_tasks.py; audioldm2 by tests/test_text_to_audio.py)"

@@ -2,9 +2,11 @@
 caption ("... low tone" -> 1 kHz, "... high tone" -> 5 kHz), trained through `mixtune train`'s own path.
 
 A real AudioLDM2 checkpoint comes with a trained VAE and vocoder; the tiny pipeline's are random, and a random
-vocoder does not turn a spectrogram into its pitch. So the demo first fits the tiny VAE (log-mel autoencoder)
-and vocoder (log-mel -> waveform, by the log-mel distance of its output) on tones across the band: stand-ins
-for the pretrained parts, fitted without captions. Only then does the task run, training the UNet alone on
+vocoder does not turn a spectrogram into its pitch. So the demo first makes stand-ins for the pretrained parts,
+without captions: the tiny VAE is fitted as a log-mel autoencoder on tones, and the tiny vocoder's weights are
+written (not learned) as a two-tone synthesiser that voices the 1 kHz and 5 kHz mel bins' energy as those sines
+(fitting it by gradient, with mel and linear-spectrum losses, left it voicing near-DC or 4 kHz whatever the
+input in 600 steps: a HiFi-GAN that small learns pitch slowly). Only then does the task run, training the UNet alone on
 captioned tones. The measure is the dominant frequency (FFT peak) of each generated waveform: a clip matches
 when it lies nearer the caption's pitch than the other's. Held-out prompts are captions whose wording the
 training never showed (unseen adjective + pitch pairs), each generated from its own noise seed.
@@ -61,48 +63,69 @@ def make_tone_data(root: str, n_train: int, rate: int, n_samples: int, seed: int
     return {"train": len(records), "eval": len(held)}
 
 
-def fit_vae_and_vocoder(pipeline, steps: int = 300, seed: int = 0) -> dict:
-    """Fit the tiny VAE and vocoder on tones of random pitch (no captions): the pretrained parts' stand-ins."""
+def fit_vae(pipeline, steps: int = 300, seed: int = 0) -> dict:
+    """Fit the tiny VAE as a log-mel autoencoder on tones of random pitch (no captions)."""
     from mixtune.models.audioldm2 import log_mel, mel_settings, segment_frames
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     settings = mel_settings(pipeline.vocoder.config)
     n = segment_frames(pipeline) * settings["hop"]
-
-    def batch(k=16):
-        waves = torch.from_numpy(np.stack([tone(rng.uniform(300, 7500), n, settings["rate"], rng) for _ in range(k)]))
-        return waves, torch.stack([log_mel(w, settings)[None] for w in waves])
-
-    def log_spectrum(waves):  # a finer linear-frequency view than the mel bins: pins the pitch, not just its band
-        window = torch.hann_window(128)
-        return torch.log(torch.stft(waves, 128, 32, window=window, return_complex=True).abs() + 1e-5)
-
-    vae, vocoder = pipeline.vae, pipeline.vocoder
-    vae.train(), vocoder.train()
-    opt = torch.optim.Adam([*vae.parameters(), *vocoder.parameters()], lr=3e-3)
-    first = last = None
+    vae = pipeline.vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    curve = []
     for step in range(steps):
-        waves, mel = batch()
+        waves = [tone(rng.choice((LOW_HZ, HIGH_HZ, rng.uniform(300, 7500))), n, settings["rate"], rng)
+                 for _ in range(16)]
+        mel = torch.stack([log_mel(torch.from_numpy(w), settings)[None] for w in waves])
         dist = vae.encode(mel).latent_dist
-        rec = vae.decode(dist.sample()).sample
-        vae_loss = torch.nn.functional.mse_loss(rec, mel) + 1e-6 * dist.kl().mean()
-        wave = vocoder(mel[:, 0])  # (B, n)
-        wave_mel = torch.stack([log_mel(w, settings, soft_floor=True) for w in wave])
-        voc_loss = torch.nn.functional.l1_loss(wave_mel, mel[:, 0]) + \
-            torch.nn.functional.l1_loss(log_spectrum(wave), log_spectrum(waves))
-        loss = vae_loss + voc_loss
+        loss = torch.nn.functional.mse_loss(vae.decode(dist.sample()).sample, mel) + 1e-6 * dist.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if first is None:
-            first = (vae_loss.item(), voc_loss.item())
-        last = (vae_loss.item(), voc_loss.item())
-    vae.eval(), vocoder.eval()
-    for p in [*vae.parameters(), *vocoder.parameters()]:
-        p.requires_grad_(True)
-    return {"vae_loss": [round(first[0], 4), round(last[0], 4)], "vocoder_mel_l1": [round(first[1], 4),
-                                                                                   round(last[1], 4)]}
+        curve.append(loss.item())
+    vae.eval()
+    return {"vae_mse_first": round(curve[0], 3), "vae_mse_last10": round(float(np.mean(curve[-10:])), 4)}
+
+
+@torch.no_grad()
+def voice_two_tones(pipeline, scale: float = 0.04) -> dict:
+    """Write the tiny vocoder's weights as a two-tone synthesiser: the energy of the mel bin where a 1 kHz tone
+    peaks voices a 1 kHz sine, that of a 5 kHz tone's bin a 5 kHz sine. Needs hop 16 at 16 kHz (both tones
+    repeat every 16 samples), two 4x upsamplers (kernel 8) and 16 initial channels: the tiny pipeline's sizes.
+
+    conv_pre puts each bin's shifted log energy (>= 0) in channels 0 / 1; the first upsampler spreads a frame
+    over 4 samples, one channel each (tone t, phase k -> channel 4t + k); the second writes each of those
+    samples' 4 output samples as the positive and negative halves of that tone's sine (channels 2t, 2t + 1:
+    nothing negative meets the leaky ReLUs); the residual blocks are zeroed (identity); conv_post adds
+    positive minus negative halves."""
+    from mixtune.models.audioldm2 import log_mel, mel_settings
+
+    voc = pipeline.vocoder
+    settings = mel_settings(voc.config)
+    rate, hop = settings["rate"], settings["hop"]
+    if hop != 16 or list(voc.config.upsample_rates) != [4, 4] or voc.config.upsample_initial_channel != 16:
+        raise ValueError("voice_two_tones needs the tiny pipeline's vocoder (hop 16 as 4 x 4, 16 channels)")
+    rng = random.Random(0)
+    bins = [int(log_mel(torch.from_numpy(tone(f, 1024, rate, rng)), settings).mean(0).argmax())
+            for f in (LOW_HZ, HIGH_HZ)]
+    for p in voc.parameters():
+        p.zero_()
+    for t, b in enumerate(bins):
+        voc.conv_pre.weight[t, b, 3] = scale
+        voc.conv_pre.bias[t] = scale * 11.6  # log(1e-5) = -11.5: silence maps to 0
+    up1, up2 = voc.upsampler
+    for t in range(2):
+        for k in range(4):
+            up1.weight[t, 4 * t + k, k + 2] = 1.0  # padding 2: tap k + 2 lands on sample 4 i + k
+            for j in range(4):
+                phase = 2 * np.pi * (LOW_HZ, HIGH_HZ)[t] * (4 * k + j) / rate
+                value = float(np.sin(phase))
+                up2.weight[4 * t + k, 2 * t + (value < 0), j + 2] = abs(value)
+    for t in range(2):
+        voc.conv_post.weight[0, 2 * t, 3] = 1.0
+        voc.conv_post.weight[0, 2 * t + 1, 3] = -1.0
+    return {"vocoder_bins": bins}
 
 
 def dominant_hz(wave: np.ndarray, rate: int) -> float:
@@ -141,7 +164,7 @@ def run_audio_demo(output_dir: str, overrides: dict | None = None, n_train: int 
     start = time.time()
     pipeline = build_tiny_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    parts = fit_vae_and_vocoder(pipeline, fit_steps)
+    parts = {**fit_vae(pipeline, fit_steps), **voice_two_tones(pipeline)}
     base = os.path.join(output_dir, "tiny_pipeline")
     pipeline.save_pretrained(base)
     timings["fit_vae_vocoder_s"] = round(time.time() - start, 1)
