@@ -271,3 +271,26 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tiny_pipeline, tones, t
                  resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"), overwrite_output_dir=False))
     resumed = unet(tmp_path / "a" / "out")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_the_target_follows_the_schedulers_prediction_type(tiny_pipeline, tmp_path):
+    """v_prediction trains towards the scheduler's velocity, epsilon towards the noise (same draws)."""
+    from diffusers import DDIMScheduler
+
+    from mixtune.models.audioldm2 import AudioLDM2ForTraining, load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline)
+    mel = torch.randn(2, 1, 64, 8)
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=kind)
+        model = AudioLDM2ForTraining(pipe).eval()
+        with torch.no_grad():
+            losses[kind] = model(mel, ["a low tone", "a high tone"], torch.Generator().manual_seed(0))["loss"]
+            again = model(mel, ["a low tone", "a high tone"], torch.Generator().manual_seed(0))["loss"]
+        assert model.noise_scheduler.config.prediction_type == kind
+        assert torch.equal(losses[kind], again)  # latents, noise and timesteps all from the generator
+    assert not torch.isclose(losses["epsilon"], losses["v_prediction"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with pytest.raises(Exception, match="predicts 'sample'"):
+        AudioLDM2ForTraining(pipe)

@@ -69,6 +69,10 @@ class AudioLDM2ForTraining(nn.Module):
         self.pipeline = pipeline  # not an attribute nn.Module registers: its modules are the ones above
         # the pipeline's own noise schedule and prediction type; a copy, so set_timesteps at eval leaves it be
         self.noise_scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise MixtuneError(f"the pipeline's scheduler predicts '{kind}'; mixtune trains 'epsilon' and "
+                               "'v_prediction' (the AudioLDM2 checkpoints use one of these)")
         self.prompt_cache: dict[str, tuple] | None = None  # caption -> conditioning, when the text side is frozen
 
     def __setattr__(self, name, value):
@@ -108,28 +112,25 @@ class AudioLDM2ForTraining(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_side_frozen):
             return self.pipeline.encode_prompt(captions, device, 1, False)
 
-    def latents_of(self, mel: torch.Tensor) -> torch.Tensor:
+    def latents_of(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latents of log-mel spectrograms (B, 1, frames, mel bins), scaled as the pipeline unscales them."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.vae.parameters())):
             dist = self.vae.encode(mel.to(self.vae.dtype)).latent_dist
-            return dist.sample() * self.vae.config.scaling_factor
+            return dist.sample(generator) * self.vae.config.scaling_factor
 
     def forward(self, mel: torch.Tensor, captions: list[str], generator: torch.Generator | None = None,
                 return_loss: bool = True):
-        latents = self.latents_of(mel)
+        latents = self.latents_of(mel, generator)
         embeds, mask, generated = self.encode_captions(captions)
         sched = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         steps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=latents.device)
         noisy = sched.add_noise(latents, noise, steps)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
+        if sched.config.prediction_type == "epsilon":
             target = noise
-        elif kind == "v_prediction":
+        else:  # v_prediction (checked at load)
             target = sched.get_velocity(latents, noise, steps)
-        else:
-            raise MixtuneError(f"the pipeline's scheduler predicts '{kind}'; mixtune trains 'epsilon' and 'v_prediction'")
         pred = self.unet(noisy, steps, encoder_hidden_states=generated, encoder_hidden_states_1=embeds,
                          encoder_attention_mask_1=mask, return_dict=False)[0]
         return {"loss": nn.functional.mse_loss(pred.float(), target.float())}
