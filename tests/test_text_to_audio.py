@@ -294,3 +294,13 @@ def test_the_target_follows_the_schedulers_prediction_type(tiny_pipeline, tmp_pa
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
     with pytest.raises(Exception, match="predicts 'sample'"):
         AudioLDM2ForTraining(pipe)
+
+
+@pytest.mark.slow
+def test_demo_learns_pitch_from_the_caption(tmp_path):
+    """`mixtune demo --task text_to_audio`: held-out prompts' generated tones follow the caption's pitch."""
+    from mixtune.tools.audio_demo import run_audio_demo
+
+    report = run_audio_demo(str(tmp_path / "demo"))
+    assert report["pitch_accuracy_after"] >= 0.9, report
+    assert report["pitch_accuracy_before"] <= 0.75, report

@@ -205,7 +205,7 @@ def tiny_t5_tokenizer():
 
 def build_tiny_pipeline():
     """AudioLDM2Pipeline with every part real and random at toy sizes (diffusers' own pipeline test sizes, but a
-    hop of 16): a 16 kHz, 8-mel-bin spectrogram of 64 frames (1024 samples, 64 ms). The vocoder turns a steady
+    hop of 16 and the released checkpoints' three attentions per UNet block): a 16 kHz, 8-mel-bin spectrogram of 64 frames (1024 samples, 64 ms). The vocoder turns a steady
     spectrogram into a waveform periodic in its hop, so it can only voice multiples of rate / hop: hop 16 allows
     every multiple of 1 kHz (the test sizes' hop of 4 only 4 and 8 kHz)."""
     require_diffusers()
@@ -218,7 +218,10 @@ def build_tiny_pipeline():
     unet = AudioLDM2UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=(8, 16))
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # as the released checkpoints: per block a self-attention (None), GPT-2's states (16) and T5's (32); with
+        # one dimension per block (diffusers' pipeline test sizes) the UNet reads GPT-2's states only
+        cross_attention_dim=([None, 16, 32], [None, 16, 32]))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
     seeded()
