@@ -178,7 +178,7 @@ def run_audio_demo(output_dir: str, overrides: dict | None = None, n_train: int 
     raw = {"model_name_or_path": base, "output_dir": os.path.join(output_dir, "trained"),
            "dataset": {"train": [{"name": "audio_captions", "data_files": "train.jsonl"}],
                        "eval": [{"name": "audio_captions", "data_files": "eval.jsonl"}]},
-           "per_device_train_batch_size": 16, "learning_rate": 2e-3, "num_train_epochs": 30,
+           "per_device_train_batch_size": 16, "learning_rate": 2e-3, "num_train_epochs": 50,
            "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.0, "logging_steps": 16,
            "save_strategy": "no", "eval_strategy": "no", "seed": 0, "dataloader_num_workers": 0,
            "disable_tqdm": True, **(overrides or {})}
