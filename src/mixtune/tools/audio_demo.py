@@ -6,8 +6,7 @@ vocoder does not turn a spectrogram into its pitch. So the demo first makes stan
 without captions: the tiny VAE is fitted as a log-mel autoencoder on tones, and the tiny vocoder's weights are
 written (not learned) as a two-tone synthesiser that voices the 1 kHz and 5 kHz mel bins' energy as those sines
 (fitting it by gradient, with mel and linear-spectrum losses, left it voicing near-DC or 4 kHz whatever the
-input in 600 steps: a HiFi-GAN that small learns pitch slowly). Only then does the task run, training the UNet alone on
-captioned tones. The measure is the dominant frequency (FFT peak) of each generated waveform: a clip matches
+input after 300-600 steps). Only then does the task run, training the UNet alone on captioned tones. The measure is the dominant frequency (FFT peak) of each generated waveform: a clip matches
 when it lies nearer the caption's pitch than the other's. Held-out prompts are captions whose wording the
 training never showed (unseen adjective + pitch pairs), each generated from its own noise seed.
 """
@@ -167,7 +166,7 @@ def run_audio_demo(output_dir: str, overrides: dict | None = None, n_train: int 
     parts = {**fit_vae(pipeline, fit_steps), **voice_two_tones(pipeline)}
     base = os.path.join(output_dir, "tiny_pipeline")
     pipeline.save_pretrained(base)
-    timings["fit_vae_vocoder_s"] = round(time.time() - start, 1)
+    timings["fit_tiny_parts_s"] = round(time.time() - start, 1)
     settings = mel_settings(pipeline.vocoder.config)
     data = os.path.join(output_dir, "data")
     counts = make_tone_data(data, n_train, settings["rate"], segment_frames(pipeline) * settings["hop"])
@@ -178,7 +177,7 @@ def run_audio_demo(output_dir: str, overrides: dict | None = None, n_train: int 
     raw = {"model_name_or_path": base, "output_dir": os.path.join(output_dir, "trained"),
            "dataset": {"train": [{"name": "audio_captions", "data_files": "train.jsonl"}],
                        "eval": [{"name": "audio_captions", "data_files": "eval.jsonl"}]},
-           "per_device_train_batch_size": 16, "learning_rate": 2e-3, "num_train_epochs": 50,
+           "per_device_train_batch_size": 16, "learning_rate": 2e-3, "num_train_epochs": 30,
            "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.0, "logging_steps": 16,
            "save_strategy": "no", "eval_strategy": "no", "seed": 0, "dataloader_num_workers": 0,
            "disable_tqdm": True, **(overrides or {})}
