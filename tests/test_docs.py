@@ -16,3 +16,10 @@ def test_readme_documents_every_mixtune_key_and_alias():
 
 def test_readme_gives_the_two_setup_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_readme_names_the_first_hour_commands_and_throughput_figures():
+    from mixtune.train.throughput import METRIC_KEYS
+
+    for text in ("mixtune doctor", "mixtune init --family", "mixtune keys", *(f"`{k}`" for k in METRIC_KEYS)):
+        assert text in README, text

@@ -30,6 +30,32 @@ def cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_keys(args, extra) -> int:
+    from mixtune.config_keys import listing
+
+    text, shown = listing(args.search)
+    print(text, end="")
+    return 0 if shown else 1
+
+
+def cmd_init(args, extra) -> int:
+    from mixtune.tools.starter import starter_config, write_starter
+
+    text = starter_config(args.family, lora=args.lora, mixtoken=args.mixtoken)
+    if not args.output:
+        print(text, end="")
+        return 0
+    path = write_starter(text, args.output)
+    print(f"starter config written to {path}: fill in model_name_or_path and data_files, then: mixtune train {path}")
+    return 0
+
+
+def cmd_doctor(args, extra) -> int:
+    from mixtune.doctor import run_doctor
+
+    return run_doctor(as_json=args.json)
+
+
 def cmd_make_tiny_model(args, extra) -> int:
     from mixtune.models.registry import get_family
 
@@ -64,6 +90,11 @@ def cmd_demo(args, extra) -> int:
 
         print(json.dumps(run_audio_demo(args.output_dir if args.output_dir != "runs/demo" else "runs/demo_audio",
                                         parse_overrides(extra)), indent=1))
+        return 0
+    if args.task in ("dpo", "grpo"):  # after the chat demo's SFT (tools/pref_demo.py)
+        from mixtune.tools.pref_demo import run_pref_demo
+
+        print(json.dumps(run_pref_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
         return 0
     if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
         from mixtune.tools.task_demo import run_task_demo
@@ -175,13 +206,39 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+TRAIN_EPILOG = """config keys (mixtune's own, transformers' TrainingArguments, PaddleMIX / PaddleNLP names,
+dataset entry keys), each with its type, default and meaning:
+  mixtune keys                   all of them, grouped
+  mixtune keys --search lora     those whose name or meaning mentions a word
+a commented starter config for a model family:
+  mixtune init --family qwen2_vl [--lora] [--mixtoken] --output cfg.yaml
+overrides: mixtune train cfg.yaml --learning_rate 2e-5 --max_steps 100"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Fine-tune multimodal models from one config.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a JSON or YAML config; --key value overrides any key")
+    p = sub.add_parser("train", help="fine-tune from a JSON or YAML config; --key value overrides any key",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("keys", help="every config key with its type, default and meaning (from the schema)")
+    p.add_argument("--search", default=None, metavar="WORD", help="only keys whose name or meaning contains WORD")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("init", help="write a commented starter config for a model family (mixtune list-models)")
+    p.add_argument("--family", required=True, help="a family name or checkpoint model_type, e.g. qwen2_vl, clip, timm")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    p.add_argument("--mixtoken", action="store_true", help="MixToken packing (families that pack)")
+    p.add_argument("--output", default=None, help="a new .yaml file; default: print the config")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("doctor", help="versions, GPU / bf16 / flash-attention / DeepSpeed / bitsandbytes / NPU, and "
+                       "which features this install can run; exit 1 when the core install is broken")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a model family")
     p.add_argument("--family", default="qwen2_vl")
@@ -210,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
-    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "text_to_audio"],
+    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "dpo", "grpo",
+                                                      "text_to_audio"],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
+                        "dpo / grpo: preference / RL tuning of the chat demo's model; "
                         "text_to_audio: tiny AudioLDM2, pitch of generated tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 

@@ -44,7 +44,13 @@ class MixtuneArgs:
     freeze_head: bool = field(default=False, metadata={
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
-        "help": "chat, contrastive or classification; default: the checkpoint's (a CLIPModel is contrastive)"})
+        "help": "chat, contrastive, classification, dpo or grpo; default: the checkpoint's (a CLIPModel is "
+                "contrastive)"})
+    trl: dict = field(default_factory=dict, metadata={
+        "help": "dpo / grpo: options of TRL's DPOConfig / GRPOConfig as TRL names them, e.g. {beta: 0.1, "
+                "loss_type: ipo}"})
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "grpo: rewards by name (exact_match, format, boxed_accuracy) or a Python function as 'pkg.mod:fn'"})
     mixup_alpha: float = field(default=0.0, metadata={
         "help": "classification: timm's mixup alpha (0: off); soft targets replace the labels"})
     cutmix_alpha: float = field(default=0.0, metadata={
@@ -64,7 +70,8 @@ class MixtuneArgs:
         "help": "QLoRA: 4bit or 8bit bitsandbytes weights for the language model under LoRA adapters (GPU only)"})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4 (double quantisation on)"})
     benchmark: bool = field(default=False, metadata={
-        "help": "log throughput (samples/s, steps/s) at the end of training"})
+        "help": "also log the Trainer's samples/s and steps/s at the end of training (real tokens/s, token and "
+                "packing fill, peak memory and, on a GPU, MFU are always in the summary and metrics.json)"})
     fp16_opt_level: str = field(default="O1", metadata={
         "help": "O1 or O2; mixtune always runs autocast with fp32 master weights (O1 semantics)"})
     eval_with_do_generation: bool = field(default=False, metadata={

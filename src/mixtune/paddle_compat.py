@@ -56,6 +56,7 @@ NO_OP_KEYS = {
 PADDLE_SCHEDULER = "CosineDecayWithWarmup"
 PADDLE_ETA_MIN, PADDLE_WARMUP_START_LR = 1e-5, 1e-6
 COSINE_TYPES = (None, "cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr")
+SCHEDULE_KEYS = ("lr_scheduler_name", "eta_min", "warmup_start_lr")  # read by map_paddle_schedule
 EVAL_SPLITS = ("val", "validation", "eval", "dev", "test")
 
 
@@ -98,7 +99,7 @@ def map_paddle_schedule(raw: dict, notes: list[str]) -> None:
     """PaddleMIX's CosineDecayWithWarmup (BLIP-2): cosine down to `eta_min` after a linear warm-up from
     `warmup_start_lr` -> transformers' `cosine_warmup_with_min_lr` (or `cosine_with_min_lr` without a warm-up
     start), whose floor and warm-up start are ratios of learning_rate applied to every parameter group."""
-    given = [k for k in ("lr_scheduler_name", "eta_min", "warmup_start_lr") if k in raw]
+    given = [k for k in SCHEDULE_KEYS if k in raw]
     if not given:
         return
     name = raw.pop("lr_scheduler_name", None)

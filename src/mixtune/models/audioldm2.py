@@ -205,9 +205,10 @@ def tiny_t5_tokenizer():
 
 def build_tiny_pipeline():
     """AudioLDM2Pipeline with every part real and random at toy sizes (diffusers' own pipeline test sizes, but a
-    hop of 16 and the released checkpoints' three attentions per UNet block): a 16 kHz, 8-mel-bin spectrogram of 64 frames (1024 samples, 64 ms). The vocoder turns a steady
-    spectrogram into a waveform periodic in its hop, so it can only voice multiples of rate / hop: hop 16 allows
-    every multiple of 1 kHz (the test sizes' hop of 4 only 4 and 8 kHz)."""
+    hop of 16 and the released checkpoints' three attentions per UNet block): a 16 kHz, 8-mel-bin spectrogram of
+    64 frames (1024 samples, 64 ms). The vocoder turns a steady spectrogram into a waveform periodic in its hop,
+    so it can only voice multiples of rate / hop: hop 16 allows every multiple of 1 kHz (the test sizes' hop of 4
+    only 4 and 8 kHz)."""
     require_diffusers()
     from diffusers import AudioLDM2Pipeline, AutoencoderKL, DDIMScheduler
     from diffusers.pipelines.audioldm2 import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel

@@ -19,6 +19,10 @@ LANGUAGE_MODEL = ("model.language_model.*", "lm_head.*")
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+# Tasks that start from what another task trained: a chat (SFT) checkpoint goes on to DPO or GRPO.
+FOLLOW_ON_TASKS = {"chat": ("dpo", "grpo")}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -66,6 +70,9 @@ class Family:
     reads_images: bool = True
     # What the family's checkpoints are trained for when the config gives no `task` (mixtune/tasks/).
     task: str = "chat"
+    # The tasks its checkpoints can train for; None: its own `task` and those that train further what that task
+    # trained (FOLLOW_ON_TASKS: preference and RL tuning of a chat model).
+    tasks: tuple[str, ...] | None = None
     # Named parts, in priority order: ((part, fnmatch globs over parameter names), ...). The first part whose
     # globs match a parameter owns it; `freeze_<part>`, `lora_modules_to_save` and per-part rates use them.
     # Empty: the chat families' projector / vision / language (the projector first: some live in the tower).
@@ -73,6 +80,10 @@ class Family:
     # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
     supports_lora: bool = True
 
+
+    @property
+    def task_choices(self) -> tuple[str, ...]:
+        return self.tasks if self.tasks is not None else (self.task,) + FOLLOW_ON_TASKS.get(self.task, ())
 
     @property
     def media_kinds(self) -> tuple[str, ...]:

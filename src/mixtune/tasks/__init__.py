@@ -18,7 +18,7 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification", "text_to_audio")
+TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "text_to_audio")
 
 
 @dataclass
@@ -38,8 +38,9 @@ def task_name(mix, family) -> str:
     name = mix.task or family.task
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}'; known: {', '.join(TASKS)}", key="task")
-    if name != family.task:
-        raise ConfigError(f"a {family.name} checkpoint trains for '{family.task}', not '{name}'", key="task")
+    if name not in family.task_choices:
+        choices = " or ".join(f"'{t}'" for t in family.task_choices)
+        raise ConfigError(f"a {family.name} checkpoint trains for {choices}, not '{name}'", key="task")
     return name
 
 

@@ -40,8 +40,9 @@ def reader_task(name: str) -> str:
 
 
 def build_sample_split(config, split: str, read: Callable, prepare: Callable, task: str,
-                       raw: list | None = None) -> MixDataset | None:
-    """`read(entry, bad) -> samples` for each entry of `dataset.<split>` (or of `raw`), mixed."""
+                       raw: list | None = None, reads: str | None = None) -> MixDataset | None:
+    """`read(entry, bad) -> samples` for each entry of `dataset.<split>` (or of `raw`), mixed; `reads`: the
+    readers' kind the task takes (default: labelled images for classification, else conversations)."""
     mix = config.mix
     raw = mix.dataset.get(split) if raw is None else raw
     if not raw:
@@ -49,7 +50,7 @@ def build_sample_split(config, split: str, read: Callable, prepare: Callable, ta
     entries = parse_entries(raw, split, config.base_dir, {k: getattr(mix, k) for k in ENTRY_DEFAULT_KEYS})
     parts = []
     for i, entry in enumerate(entries):
-        wanted = task if task in ("classification", "text_to_audio") else "chat"
+        wanted = reads or ("classification" if task == "classification" else "chat")
         if reader_task(entry.name) != wanted:
             raise ConfigError(f"'{entry.name}' data does not fit the {task} task", key=f"dataset.{split}[{i}].name")
         bad = BadSamples(entry.on_bad_sample, entry=entry.label(), strict_fields=entry.strict_fields)

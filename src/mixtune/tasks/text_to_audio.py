@@ -167,10 +167,10 @@ def build_data(config, family, model, processor) -> TaskData:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prep = ClipPrep(mel_settings(base.vocoder.config), segment_frames(base.pipeline))
     read = screened_reader(prep)
-    train = build_sample_split(config, "train", read, prep, "text_to_audio")
+    train = build_sample_split(config, "train", read, prep, "text_to_audio", reads="text_to_audio")
     if train is None:
         raise ConfigError("has no entries", key="dataset.train")
-    evals = build_sample_split(config, "eval", read, prep, "text_to_audio")
+    evals = build_sample_split(config, "eval", read, prep, "text_to_audio", reads="text_to_audio")
     seconds = prep.frames * prep.settings["hop"] / prep.settings["rate"]
     log.info("train clips per epoch: %d, eval clips: %d; each clip: %.2f s at %d Hz (cut or padded), %d x %d log-mel",
              len(train), len(evals) if evals else 0, seconds, prep.settings["rate"], prep.frames,

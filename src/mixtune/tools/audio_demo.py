@@ -6,8 +6,9 @@ vocoder does not turn a spectrogram into its pitch. So the demo first makes stan
 without captions: the tiny VAE is fitted as a log-mel autoencoder on tones, and the tiny vocoder's weights are
 written (not learned) as a two-tone synthesiser that voices the 1 kHz and 5 kHz mel bins' energy as those sines
 (fitting it by gradient, with mel and linear-spectrum losses, left it voicing near-DC or 4 kHz whatever the
-input after 300-600 steps). Only then does the task run, training the UNet alone on captioned tones. The measure is the dominant frequency (FFT peak) of each generated waveform: a clip matches
-when it lies nearer the caption's pitch than the other's. Held-out prompts are captions whose wording the
+input after 300-600 steps). Only then does the task run, training the UNet alone on captioned tones. The
+measure is the dominant frequency (FFT peak) of each generated waveform: a clip matches when it lies nearer the
+caption's pitch than the other's. Held-out prompts are captions whose wording the
 training never showed (unseen adjective + pitch pairs), each generated from its own noise seed.
 """
 

@@ -22,6 +22,7 @@ from mixtune.train.qlora import quantization_kwargs
 from mixtune.train.recompute import apply_recompute
 from mixtune.train.outdir import mark_final_complete, start_fresh
 from mixtune.train.report import plot_loss, write_metrics
+from mixtune.train.throughput import describe, flops_per_token, throughput_metrics
 from mixtune.train.seed import seed_everything
 
 log = logging.getLogger("mixtune")
@@ -118,6 +119,7 @@ def build_trainer(config: Config):
     for key, value in data.trainer_attrs.items():
         setattr(trainer, key, value)
     trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
+    trainer.flops_per_token = flops_per_token(model) if task.__name__.endswith(".chat") else None  # for MFU
     apply_recompute(trainer, family, mix.recompute_vision)
     return trainer
 
@@ -142,9 +144,13 @@ def train_in_output_dir(config: Config, main: bool) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     saved = trainer.save_final(out)  # model + processor (tokenizer, chat template) in plain transformers form
     final = dict(result.metrics)
+    mfu_flops = getattr(trainer, "flops_per_token", None)
+    final.update(throughput_metrics(trainer, final.get("train_runtime", 0), mfu_flops,
+                                    config.training.bf16 or config.training.fp16))
     if config.mix.benchmark:
         log.info("benchmark: %.2f samples/s, %.2f steps/s, %.1f s", final.get("train_samples_per_second", 0),
                  final.get("train_steps_per_second", 0), final.get("train_runtime", 0))
+    log.info("throughput: %s", describe(final))
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     history = trainer.state.log_history

@@ -1,4 +1,4 @@
-"""mixtune's Trainer: transformers' own, with six changes.
+"""mixtune's Trainer: transformers' own, with seven changes.
 
 1. Resume repair. transformers 5 saves checkpoints of several VLM families (Qwen2-VL among them) under their original
 hub key names (`visual.*`, `model.layers.*`) while the live model uses `model.visual.*`,
@@ -14,6 +14,8 @@ we then copy the weights in strictly, so any mismatch is an error instead of los
 fsynced, marked complete and renamed into place (train/checkpoints.py); rotation counts complete checkpoints
 only and keeps the one just saved; a save that cannot be written (full disk, folder not writable) is one
 OutputDirError naming the path, what was being written and the last complete checkpoint.
+7. Throughput: the train batches carry the token counts of their samples (train/throughput.py), taken off
+in `training_step` before the model sees them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ class MixTrainer(Trainer):
     _staging = False  # True while the stock _save_checkpoint runs: its run_dir is then the staging folder
     part_rates = None  # train.optim.PartRates: vision_lr / projector_lr / language_lr
     labelled_logits_only = False  # train/loss.py: logits and loss only where the next token has a label
+    throughput = None  # train/throughput.py: the counts of the batches this process trained
+
+    def get_train_dataloader(self):
+        from mixtune.train.throughput import CountingCollator, Throughput, reset_peak_memory
+
+        self.throughput = Throughput()
+        reset_peak_memory()  # the GPU peak of training, not of loading
+        capacity = getattr(self.train_dataset, "max_length", None)  # a MixToken PackedDataset's rows
+        collate, self.data_collator = self.data_collator, CountingCollator(self.data_collator, capacity)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        from mixtune.train.throughput import COUNT_KEY
+
+        if self.throughput is not None:
+            self.throughput.take(inputs)
+        if isinstance(inputs, dict):
+            inputs.pop(COUNT_KEY, None)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # not eval (it keeps the logits), nor a loss that reads full logits (label smoothing, compute_loss_func)
