@@ -5,7 +5,8 @@ carries the fix to paste; after pasting it, it trains.
 The harness changes paths (model_name_or_path, data_files, output_dir) and adds `max_steps: 2` so that every
 config stops after 2 optimizer steps. VisualGLM and InternLM-XComposer2 have no transformers family: they run
 on the closest tiny one (VisualGLM: BLIP-2's ViT + Q-Former; XComposer2: LLaVA's CLIP ViT + projector + LLM).
-Qwen-VL runs on Qwen2-VL (transformers has no Qwen-VL), BLIP-2's OPT on the tiny OPT, InternVL2 on the
+Qwen-VL's run on mixtune's native Qwen-VL port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
+after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
 transformers-native InternVL.
 """
 
@@ -113,8 +114,12 @@ SHIPPED = {
     "llava/pretrain.json": ("llava", LLAVA_PRETRAIN, [
         {"freeze_include": ["*model*", "model.language_model.embed_tokens.weight"],
          "freeze_exclude": ["*model.multi_modal_projector*"]}]),
-    "qwen_vl/sft_argument.json": ("qwen2_vl", QWEN_VL_SFT, [{"freeze_exclude": ["*visual.merger*"]}]),
-    "qwen_vl/lora_sft_argument.json": ("qwen2_vl", QWEN_VL_LORA, [
+    # on mixtune's native Qwen-VL port: the original module names, so nothing to paste
+    "qwen_vl/sft_argument.json": ("qwen_vl", QWEN_VL_SFT, []),
+    "qwen_vl/lora_sft_argument.json": ("qwen_vl", QWEN_VL_LORA, []),
+    # the same configs on Qwen2-VL: the messages translate Qwen-VL's names
+    "qwen_vl/sft_argument.json@qwen2_vl": ("qwen2_vl", QWEN_VL_SFT, [{"freeze_exclude": ["*visual.merger*"]}]),
+    "qwen_vl/lora_sft_argument.json@qwen2_vl": ("qwen2_vl", QWEN_VL_LORA, [
         {"lora_target_modules": [".*self_attn.(q_proj|k_proj|v_proj).*", ".*self_attn.o_proj.*", ".*mlp.up_proj.*",
                                  ".*mlp.gate_proj.*"]}]),
     "internvl2/sft_argument.json": ("internvl", INTERNVL2_SFT, []),
@@ -199,7 +204,8 @@ def test_shipped_paddlemix_config_trains_2_steps(name, tiny_model_dir, tmp_path)
 # full-weight configs with freeze settings -> the parts whose weights the 2 steps changed
 TRAINED_PARTS = {
     "llava/pretrain.json": {"projector"},  # PaddleMIX's LLaVA stage 1: only the projector trains
-    "qwen_vl/sft_argument.json": {"projector", "language"},  # vision tower frozen, its merger trains
+    "qwen_vl/sft_argument.json": {"projector", "language"},  # ViT frozen, its attn_pool resampler trains
+    "qwen_vl/sft_argument.json@qwen2_vl": {"projector", "language"},  # vision tower frozen, its merger trains
     "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},
     "visualglm/sft_argument.json": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},

@@ -33,6 +33,8 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
+# Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}}
 
 
 def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):
@@ -145,7 +147,7 @@ def test_family(tiny_model_dir, tmp_path, name):
     lora = get_peft_model(base, LoraConfig(target_modules=fam.lora_targets, r=4, lora_alpha=8))
     wrapped = [n.removeprefix("base_model.model.") for n, m in lora.named_modules() if hasattr(m, "lora_A")]
     kinds = {n.rsplit(".", 1)[-1] for n in wrapped}
-    assert {"q_proj", "v_proj"} <= kinds, kinds
+    assert LORA_KINDS.get(name, {"q_proj", "v_proj"}) <= kinds, kinds
     assert all(part_of(f"{n}.weight", fam) == "language" for n in wrapped), wrapped
     lora_losses = steps(lora, batch, lr=1e-2)
     assert lora_losses[-1] < lora_losses[0], lora_losses

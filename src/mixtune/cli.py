@@ -96,6 +96,12 @@ def cmd_demo(args, extra) -> int:
 
         print(json.dumps(run_pref_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
         return 0
+    if args.task == "segmentation":  # a tiny SAM on drawn shapes, box prompts (tools/seg_demo.py)
+        from mixtune.tools.seg_demo import run_segmentation_demo
+
+        out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_segmentation"
+        print(json.dumps(run_segmentation_demo(out, parse_overrides(extra)), indent=1))
+        return 0
     if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
         from mixtune.tools.task_demo import run_task_demo
 
@@ -150,6 +156,7 @@ def generation_options(args):
 
 def cmd_predict(args, extra) -> int:
     from mixtune.infer.engine import Engine
+    from mixtune.infer.segment import is_segmentation_model, predict_segmentation_cli
     from mixtune.infer.predict import entries_from_args, model_from_config, predict, read_prompts
 
     entries, raw = entries_from_args(args.data_files, args.name, args.dataset, args.config, args.split)
@@ -158,6 +165,8 @@ def cmd_predict(args, extra) -> int:
         if not raw:
             raise MixtuneError("--model is required (or --config, whose output_dir holds the trained model)")
         model, lora = model_from_config(raw)
+    if is_segmentation_model(model, lora):  # SAM: masks as RLE results (infer/segment.py)
+        return predict_segmentation_cli(model, lora, entries, args)
     options = generation_options(args)
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
@@ -198,6 +207,11 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
+    if args.format == "onnx":  # detection / segmentation checkpoints (mixtune/export_onnx/)
+        from mixtune.export_onnx import export_onnx
+
+        print(json.dumps(export_onnx(args.model, args.to), indent=1))
+        return 0
     from mixtune.export import export
 
     report = export(args.model, args.to, args.lora_path, args.dtype)
@@ -267,11 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merge them, evaluate the merged model")
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
-    p.add_argument("--task", default="chat", choices=["chat", "contrastive", "classification", "dpo", "grpo",
-                                                      "text_to_audio"],
+    p.add_argument("--task", default="chat",
+                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation", "text_to_audio"],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
-                        "text_to_audio: tiny AudioLDM2, pitch of generated tones")
+                        "segmentation: tiny SAM, box prompts, mIoU; text_to_audio: tiny AudioLDM2, pitch of tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")
@@ -284,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="predictions")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
+    p.add_argument("--draw", action="store_true", help="detection / segmentation: also write PNGs with the "
+                   "predictions drawn (output_dir/drawn/)")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -315,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="new folder for the export")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights; auto: the checkpoint's own")
+    p.add_argument("--format", default="hf", choices=["hf", "onnx"], help="hf: a transformers folder; onnx: "
+                   "ONNX graphs checked with onnxruntime (detection and segmentation families)")
     p.set_defaults(func=cmd_export)
     return parser
 

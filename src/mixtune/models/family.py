@@ -20,7 +20,7 @@ LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 
 
 # Tasks that start from what another task trained: a chat (SFT) checkpoint goes on to DPO or GRPO.
-FOLLOW_ON_TASKS = {"chat": ("dpo", "grpo")}
+FOLLOW_ON_TASKS = {"chat": ("dpo", "kto", "grpo")}
 
 
 @dataclass(frozen=True)

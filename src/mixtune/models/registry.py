@@ -10,9 +10,11 @@ from mixtune.errors import MixtuneError
 from mixtune.models.family import Family
 
 FAMILY_MODULES = [
-    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "llava_onevision", "internvl",
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen_vl", "llava", "llava_next", "llava_next_video", "llava_onevision",
+    "internvl",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
+    "sam",  # segmentation
     "audioldm2",  # text_to_audio (a diffusers pipeline folder)
 ]
 
@@ -50,7 +52,7 @@ def get_family(name_or_model_type: str) -> Family:
         if fam.name == name_or_model_type:
             return fam
     raise MixtuneError(f"unsupported model family '{name_or_model_type}'. Supported families: "
-                       f"{', '.join(sorted(table))}")
+                       f"{', '.join(sorted(set(table) | {f.name for f in families(task=None)}))}")
 
 
 def read_model_type(model_name_or_path: str) -> str:
