@@ -91,6 +91,12 @@ def cmd_demo(args, extra) -> int:
         out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_detection"
         print(json.dumps(run_detection_demo(out, parse_overrides(extra)), indent=1))
         return 0
+    if args.task == "text_to_audio":  # a tiny AudioLDM2 learns pitch from captions (tools/audio_demo.py)
+        from mixtune.tools.audio_demo import run_audio_demo
+
+        print(json.dumps(run_audio_demo(args.output_dir if args.output_dir != "runs/demo" else "runs/demo_audio",
+                                        parse_overrides(extra)), indent=1))
+        return 0
     if args.task in ("dpo", "grpo"):  # after the chat demo's SFT (tools/pref_demo.py)
         from mixtune.tools.pref_demo import run_pref_demo
 
@@ -299,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
     p.add_argument("--task", default="chat",
-                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation", "detection"],
+                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation", "detection",
+                            "text_to_audio"],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
-                        "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO, COCO AP50")
+                        "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO, COCO AP50; "
+                        "text_to_audio: tiny AudioLDM2, pitch of tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")

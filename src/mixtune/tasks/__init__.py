@@ -18,7 +18,7 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "kto", "segmentation", "detection")
+TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "kto", "segmentation", "detection", "text_to_audio")
 # config keys only some tasks read: set under any other task they would be silently ignored, so they are refused
 TASK_KEYS = {"trl": ("dpo", "kto", "grpo"), "reward_funcs": ("grpo",)}
 
