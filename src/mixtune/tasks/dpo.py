@@ -52,19 +52,27 @@ def check_loss_types(options: dict) -> None:
 
 
 @dataclass
-class PairEncoder:
-    """A preference pair -> {"chosen": Encoded, "rejected": Encoded}, each the prompt plus one reply, encoded
-    as SFT encodes a conversation (labels on the reply and its end-of-turn marker only)."""
+class ReplyEncoding:
+    """A prompt plus one reply, encoded as SFT encodes a conversation (labels on the reply and its end-of-turn
+    marker only): what the preference tasks (dpo, kto) share."""
     family: object
     processor: object
     render: object
     images: ImagePrep
 
+    def media(self, prompt) -> list:
+        return [self.images.fit(m) for m in self.images.decode(prompt)]
+
+    def encode(self, conversation, media: list):
+        return (self.family.encode or encode_with_processor)(conversation, media, self.processor, self.render)
+
+
+class PairEncoder(ReplyEncoding):
+    """A preference pair -> {"chosen": Encoded, "rejected": Encoded}, the prompt's media decoded once."""
+
     def __call__(self, pair) -> dict:
-        media = [self.images.fit(m) for m in self.images.decode(pair.prompt)]
-        encode = self.family.encode or encode_with_processor
-        return {side: encode(pair.conversation(getattr(pair, side)), media, self.processor, self.render)
-                for side in ("chosen", "rejected")}
+        media = self.media(pair.prompt)
+        return {side: self.encode(pair.conversation(getattr(pair, side)), media) for side in ("chosen", "rejected")}
 
 
 def read_pairs(entry, bad, encoder: PairEncoder, max_length: int) -> list:

@@ -25,14 +25,14 @@ import torch
 
 from mixtune.data.collate import PadCollator, pad_stack
 from mixtune.data.dataset import ImagePrep
-from mixtune.data.encode import IGNORE_INDEX, Encoded, encode_with_processor
+from mixtune.data.encode import IGNORE_INDEX, Encoded
 from mixtune.data.formats import get_reader
 from mixtune.data.formats.unpaired import from_pairs
 from mixtune.data.templates import make_renderer
 from mixtune.errors import ConfigError
 from mixtune.tasks import TaskData
 from mixtune.tasks.chat import load  # noqa: F401  (a KTO run loads its checkpoint as chat SFT does)
-from mixtune.tasks.dpo import reference_copy
+from mixtune.tasks.dpo import ReplyEncoding, reference_copy
 from mixtune.tasks.samples import build_sample_split, eval_argument, reader_task
 from mixtune.tasks.trl_bridge import import_trl, mix_with, stand_in, trl_args
 
@@ -54,19 +54,11 @@ def check_loss_type(options: dict) -> str:
     return name
 
 
-@dataclass
-class ReplyEncoder:
-    """An unpaired sample -> {"encoded": Encoded, "label": bool}: prompt + reply, encoded as SFT encodes a
-    conversation (labels on the reply and its end-of-turn marker only)."""
-    family: object
-    processor: object
-    render: object
-    images: ImagePrep
+class ReplyEncoder(ReplyEncoding):
+    """An unpaired sample -> {"encoded": Encoded, "label": bool}."""
 
     def __call__(self, sample) -> dict:
-        media = [self.images.fit(m) for m in self.images.decode(sample.prompt)]
-        encode = self.family.encode or encode_with_processor
-        return {"encoded": encode(sample.conversation(), media, self.processor, self.render), "label": sample.label}
+        return {"encoded": self.encode(sample.conversation(), self.media(sample.prompt)), "label": sample.label}
 
 
 def read_samples(entry, bad, encoder: ReplyEncoder, max_length: int) -> list:
