@@ -213,13 +213,18 @@ def starter_config(family_name: str, lora: bool = False, mixtoken: bool = False)
             "# Every key with its type, default and meaning: mixtune keys    (or: mixtune keys --search WORD)",
             "# Any key can be overridden on the command line: mixtune train cfg.yaml --learning_rate 2e-5",
             "",
-            f"# a local {family.name} checkpoint folder or hub id (config.json model_type: "
-            f"{' or '.join(family.model_types)});",
+            f"# a local {family.name} checkpoint folder or hub id ({what_identifies(family)});",
             f"# to try this config first on a tiny random one: mixtune make-tiny-model --family {family.name} "
             "--output_dir tiny",
             f"model_name_or_path: {FILL_IN}",
             ""]
     return "\n".join(head + build(family, lora, mixtoken)).rstrip() + "\n"
+
+
+def what_identifies(family) -> str:
+    if family.task == "text_to_audio":  # a diffusers pipeline folder: no config.json at its root
+        return "a diffusers folder whose model_index.json names AudioLDM2Pipeline"
+    return f"config.json model_type: {' or '.join(family.model_types)}"
 
 
 def write_starter(text: str, path: str) -> str:
