@@ -111,7 +111,7 @@ def test_contrastive_lora_trains_only_adapters(family, tiny_model_dir, shapes, t
 
 
 @pytest.mark.parametrize("family,parts", [(f, p) for f in CONTRASTIVE for p in (["vision"], ["text"])] +
-                         [(f, p) for f in CLASSIFICATION for p in (["backbone"], ["head"])])
+                         [(f, p) for f in CLASSIFICATION for p in (["backbone"], ["head"])] + [("coca", ["decoder"])])
 def test_freeze_shortcuts_cover_named_parts(family, parts, tiny_model_dir, shapes, tmp_path):
     from mixtune.models.registry import get_family
     from mixtune.train.freeze import part_of

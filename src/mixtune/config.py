@@ -45,8 +45,11 @@ class MixtuneArgs:
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
     freeze_text_encoder: bool = field(default=False, metadata={
         "help": "freeze the text encoder (detection families: Grounding DINO's BERT); adds to freeze_include"})
+    freeze_decoder: bool = field(default=False, metadata={
+        "help": "freeze the caption decoder (CoCa); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
-        "help": "chat, contrastive, classification, dpo, kto or grpo; default: the checkpoint's (a CLIPModel is "
+        "help": "chat, contrastive, classification, dpo, kto, grpo, segmentation, detection or text_to_audio; "
+                "default: the checkpoint's (a CLIPModel is "
                 "contrastive)"})
     trl: dict = field(default_factory=dict, metadata={
         "help": "dpo / kto / grpo: options of TRL's DPOConfig / KTOConfig / GRPOConfig as TRL names them, e.g. "

@@ -39,7 +39,7 @@ def parts_lines(family, frozen: tuple[str, ...]) -> list[str]:
 
     keys = MixtuneArgs.__dataclass_fields__
     for part, globs in family.named_parts().items():
-        if f"freeze_{part}" not in keys:  # a part without a shortcut key (CoCa's decoder): globs only
+        if f"freeze_{part}" not in keys:  # a part without a shortcut key: globs only
             lines.append(f"# to freeze the {part} part: freeze_include: {list(globs)}")
             continue
         lines.append(f"freeze_{part}: {'true' if part in frozen else 'false'}    # {', '.join(globs)}")
