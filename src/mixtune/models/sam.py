@@ -70,5 +70,6 @@ FAMILY = Family(
     auto_class="SamModel",
     uses_chat_template=False,
     task="segmentation",
-    parts=(("vision_encoder", VISION), ("prompt_encoder", PROMPT), ("mask_decoder", DECODER)),
+    # "vision" (not "vision_encoder") so that the config's freeze_vision shortcut names the image encoder
+    parts=(("vision", VISION), ("prompt_encoder", PROMPT), ("mask_decoder", DECODER)),
 )
