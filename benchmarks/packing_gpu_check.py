@@ -13,6 +13,7 @@ Run: PYTHONPATH=src python benchmarks/packing_gpu_check.py
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from PIL import Image
 from mixtune.data.collate import PadCollator
 from mixtune.data.dataset import build_split
 from mixtune.data.encode import IGNORE_INDEX
-from mixtune.data.pack import PACKED_SDPA, PackCollator, PackedDataset, use_packed_sdpa
+from mixtune.data.pack import PACKED_SDPA, PACKED_VARLEN, PackCollator, PackedDataset, use_packed_sdpa
 from mixtune.models.registry import get_family
 from mixtune.models.loading import load_model_and_processor
 
@@ -107,7 +108,7 @@ def timed(model, batch, repeats: int = 10) -> float:
 
 def check(model_dir, family, processor, samples, attn: str, dtype, max_length: int = 1024) -> dict:
     pad_id = processor.tokenizer.pad_token_id
-    ref_attn = "sdpa" if attn in (PACKED_SDPA, "sdpa") else attn
+    ref_attn = "sdpa" if attn in (PACKED_SDPA, PACKED_VARLEN, "sdpa") else attn
     model = load_model_and_processor(model_dir, ref_attn, dtype=dtype)[1].to(DEVICE).eval()
     packs = PackedDataset(samples, max_length, lengths=[len(s) for s in samples])
     rows = [packs[k] for k in range(len(packs))]
@@ -116,8 +117,8 @@ def check(model_dir, family, processor, samples, attn: str, dtype, max_length: i
     padded = PadCollator(pad_id)(order)
     ref_loss, ref_logits, ref_grads = run(model, to_device(padded, dtype))
     ref_time = timed(model, to_device(padded, dtype))
-    if attn == PACKED_SDPA:
-        use_packed_sdpa(model)
+    if attn in (PACKED_SDPA, PACKED_VARLEN):
+        use_packed_sdpa(model, attn)
     packed = PackCollator(pad_id, partial(family.pack_positions, model), flatten)(rows)
     loss, logits, grads = run(model, to_device(packed, dtype))
     packed_time = timed(model, to_device(packed, dtype))
@@ -151,7 +152,9 @@ def main() -> None:
             family, processor, samples = samples_for(model_dir, root)
             cases = [("sdpa", torch.float32), (PACKED_SDPA, torch.float32), ("eager", torch.float32),
                      ("sdpa", torch.bfloat16), (PACKED_SDPA, torch.bfloat16)]
-            if flash:
+            if DEVICE == "cuda":  # torch's own varlen flash attention: fp16 / bf16 only, as flash-attn
+                cases.append((PACKED_VARLEN, torch.bfloat16))
+            if flash:  # flash-attn runs fp16 / bf16 only: fp32 exactness is shown by the SDPA paths
                 cases.append(("flash_attention_2", torch.bfloat16))
             if name == "llava" and DEVICE == "cuda":  # the Qwen-VL classes do not take flex_attention
                 cases.append(("flex_attention", torch.float32))
@@ -159,16 +162,20 @@ def main() -> None:
                 try:
                     r = check(model_dir, family, processor, samples, attn, dtype)
                 except Exception as e:  # report and go on: one failing path must not hide the others
+                    print("RESULT " + json.dumps({"check": "packing", "family": name, "attn": attn,
+                                                  "dtype": str(dtype)[6:], "failed": f"{type(e).__name__}: {e}"[:300]}))
                     print(f"{name:<9}{attn:<21}{str(dtype)[6:]:<9} FAILED {type(e).__name__}: {e}")
                     rows.append(False)
                     continue
                 if dtype == torch.float32:
                     worst_fp32 = max(worst_fp32, r["token_diff"], r["grad_diff"], r["loss_diff"])
                 rows.append(True)
+                print("RESULT " + json.dumps({"check": "packing", "family": name, "attn": attn,
+                                              "dtype": str(dtype)[6:], **{k: v for k, v in r.items()}}))
                 print(f"{name:<9}{attn:<21}{str(dtype)[6:]:<9} loss {r['loss_diff']:.2e}  per-token "
                       f"{r['token_diff']:.2e}  grads {r['grad_diff']:.2e}  fwd+bwd padded {r['padded_ms']:.1f} ms"
                       f" packed {r['packed_ms']:.1f} ms  {r['shapes']}")
-    print(f"GPU_CHECK paths_ok={sum(rows)}/{len(rows)} max_fp32_diff={worst_fp32:.2e} "
+    print(f"RESULT GPU_CHECK paths_ok={sum(rows)}/{len(rows)} max_fp32_diff={worst_fp32:.2e} "
           f"fp32_exact={worst_fp32 <= FP32_TOL} flash_attn={flash}")
 
 

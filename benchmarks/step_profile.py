@@ -26,7 +26,8 @@ Settings (comma-joined flags, `+` between flags): plain (everything off), labell
 labelled positions), freeze_vision, lora, recompute (transformers' activation checkpointing of every part, as
 `recompute: true` runs it, a frozen vision tower kept out of autograd), hf_frozen (with recompute: without
 that, transformers' own behaviour), recompute_lm (language model only), recompute_vision (vision tower only),
-packed (MixToken rows).
+packed (MixToken rows), packed_loop (MixToken rows under the packed SDPA before session 3, one SDPA call per
+sample: the before of the batched per-sample attention).
 """
 
 from __future__ import annotations
@@ -107,6 +108,13 @@ def setup_model(setting: set, base_model, family, args):
         apply_freeze(model, None, None, family, ("vision",))
     if "packed" in setting:
         use_packed_sdpa(model)
+    elif "packed_loop" in setting:  # the packed SDPA before session 3: one SDPA call per sample (for comparison)
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from packed_attention import register_loop_sdpa
+
+        use_packed_sdpa(model, register_loop_sdpa())
     if "recompute" in setting:  # what the Trainer does for `recompute: true`
         if "hf_frozen" not in setting:  # what mixtune adds (train/recompute.py)
             keep_frozen_vision_out_of_autograd(model, family)
@@ -220,7 +228,7 @@ def main() -> None:
     settings = args.settings.split(",")
     trainees = []
     for name in settings:
-        packed = "packed" in name.split("+")
+        packed = bool({"packed", "packed_loop"} & set(name.split("+")))
         if packed:
             dataset = PackedDataset(ds, args.max_length, args.seed, lengths=ds.lengths())
             collate = None  # needs the trainee's model (positions), set below

@@ -23,7 +23,8 @@ from video_fixtures import write_tone
 
 ALL = [f.name for f in families(task=None)]
 FAST = [("qwen2_vl", False, False), ("qwen2_vl", True, True), ("llava", True, False), ("qwen2_audio", False, False),
-        ("clip", False, False), ("clip", True, False), ("timm", False, False), ("sam", False, False)]
+        ("clip", False, False), ("clip", True, False), ("timm", False, False), ("audioldm2", True, False),
+        ("sam", False, False)]
 
 
 def write_data(root, family) -> str:
@@ -44,6 +45,13 @@ def write_data(root, family) -> str:
         return make_shapes_coco(root, "shapes", 2)
     for name, rgb in colours.items():
         Image.new("RGB", (112, 112), rgb).save(os.path.join(root, f"{name}.png"))
+    if family.task == "text_to_audio":
+        rows = [{"audio": write_tone(os.path.join(root, f"{n}.wav"), hz), "caption": f"a {n} tone"}
+                for n, hz in (("low", 440), ("high", 880))]
+        path = os.path.join(root, "clips.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows))
+        return path
     if family.task == "contrastive":
         rows = [{"image": f"{name}.png", "caption": f"a {name} square"} for name in colours]
         path = os.path.join(root, "pairs.jsonl")
@@ -87,7 +95,10 @@ def test_every_family_has_a_starter_of_valid_keys(name, tmp_path, monkeypatch):
         accepted = valid_keys() | set(SCHEDULE_KEYS)
         assert set(raw) <= accepted and set(commented_keys(text)) <= accepted, text
         shortcuts = [f"freeze_{part}" for part in family.named_parts() if f"freeze_{part}" in accepted]
-        assert shortcuts and all(k in raw for k in shortcuts) != lora
+        if family.task == "text_to_audio":  # its frozen parts are the task's default: the starter shows globs only
+            assert not any(k in raw for k in shortcuts) and "freeze_include" in text
+        else:
+            assert shortcuts and all(k in raw for k in shortcuts) != lora
         if not mixtoken:  # with mixtoken the config is checked against the checkpoint (tested by training below)
             config = build_config(raw, str(tmp_path))
             assert config.mix.lora == lora and config.training.bf16

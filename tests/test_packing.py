@@ -335,3 +335,75 @@ def test_paddlemix_length_grouping_gives_way_to_packing(model_dirs, tmp_path):
     cfg = build_config(raw)
     assert cfg.training.train_sampling_strategy == "random"
     assert any("group_by_length has no effect with mixtoken" in n for n in cfg.notes)
+
+
+# ---- mixtune's packed SDPA: every sample of every row in a few batched calls, not one call per sample ----
+
+def per_sample_reference(query, key, value, lengths_per_row, groups):
+    """SDPA on each sample alone, one call per sample: what the batched attention must reproduce."""
+    rows = []
+    for b, lengths in enumerate(lengths_per_row):
+        parts, start = [], 0
+        for n in lengths:
+            k = key[b:b + 1, :, start:start + n].repeat_interleave(groups, dim=1)
+            v = value[b:b + 1, :, start:start + n].repeat_interleave(groups, dim=1)
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, start:start + n], k, v, is_causal=True).transpose(1, 2))
+            start += n
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows)
+
+
+def test_batched_packed_sdpa_equals_sdpa_per_sample_with_several_length_buckets():
+    """Lengths 1..60 in two rows (the second with a padded tail) fall into several buckets; the output and
+    the gradients of query, key and value equal SDPA run on each sample alone (fp32, GQA 4 heads over 2)."""
+    from types import SimpleNamespace
+
+    from mixtune.data import pack
+
+    lengths_per_row = [[60, 1, 3, 17, 7, 2, 30], [33, 9, 4, 25, 41, 5]]
+    length = max(sum(r) for r in lengths_per_row)
+    lengths_per_row[1].append(length - sum(lengths_per_row[1]))  # the tail, positions 0.. like the collator's
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, length, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, length, 16, requires_grad=True) for _ in range(2))
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+
+    layout = pack.sample_layout(pos, 2, length)
+    assert 2 < len(layout.buckets) <= pack.MAX_BUCKETS
+    # every token has exactly one slot, and its slot reads the token itself
+    gathered = torch.cat([b.reshape(-1) for b in layout.buckets])[layout.inverse]
+    assert torch.equal(gathered, torch.arange(2 * length))
+    for bucket in layout.buckets[:-1]:  # a bucket is as long as its longest sample, its shortest within the spread
+        lens = (bucket != bucket[:, :1]).sum(1) + 1
+        assert lens.max() == bucket.shape[1] and lens.min() * pack.BUCKET_SPREAD >= bucket.shape[1]
+    assert sum(b.shape[0] for b in layout.buckets) == sum(len(r) for r in lengths_per_row)
+
+    got, _ = pack.packed_sdpa_attention(module, q, k, v, None, position_ids=pos, scaling=16 ** -0.5)
+    ref = per_sample_reference(q, k, v, lengths_per_row, 2)
+    assert got.shape == ref.shape == (2, length, 4, 16)
+    assert (got - ref).abs().max() <= TOL
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= TOL
+
+
+def test_packed_layout_is_worked_out_once_per_forward(model_dirs, tmp_path, monkeypatch):
+    """Every layer of a forward (and the backward) reuses the layout of the first; a new batch gets its own."""
+    from mixtune.data import pack
+
+    calls = []
+    real = pack.sample_layout
+    monkeypatch.setattr(pack, "sample_layout", lambda *a: calls.append(1) or real(*a))
+    family, model, processor = load_model_and_processor(model_dirs("llava"), "sdpa")
+    samples = uneven_samples(tmp_path, processor, family)
+    use_packed_sdpa(model)
+    collate = PackCollator(processor.tokenizer.pad_token_id, partial(family.pack_positions, model))
+    assert model.config.text_config.num_hidden_layers >= 2
+    model(**collate([samples[:3], samples[3:]])).loss.backward()
+    assert len(calls) == 1
+    model(**collate([samples[:2], samples[2:]])).loss.backward()
+    assert len(calls) == 2

@@ -1,4 +1,4 @@
-"""Preference and RL tuning through TRL (task: dpo, grpo) on tiny Qwen2-VL checkpoints."""
+"""Preference and RL tuning through TRL (task: dpo, kto, grpo) on tiny Qwen2-VL checkpoints."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_only_chat_checkpoints_take_preference_tasks(tiny_model_dir, colour_pair
     from mixtune.models.registry import get_family
     from mixtune.tasks import task_name
 
-    assert get_family("qwen2_vl").task_choices == ("chat", "dpo", "grpo")
+    assert get_family("qwen2_vl").task_choices == ("chat", "dpo", "kto", "grpo")
     assert get_family("clip").task_choices == ("contrastive",)
     config = build_config(base_config(tiny_model_dir("clip"), str(colour_pairs / "pairs.json"), tmp_path / "o"))
     with pytest.raises(ConfigError, match="trains for 'contrastive', not 'dpo'"):
@@ -207,3 +207,28 @@ def test_without_trl_the_task_stops_with_the_pip_command(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'mixtune\[rl\]'") as e:
         import_trl()
     assert e.value.key == "task"
+
+
+@pytest.mark.parametrize("family, task, key, extra", [
+    ("qwen2_vl", None, "trl", {"trl": {"beta": 0.1}}),  # chat (the family's own task)
+    ("qwen2_vl", None, "reward_funcs", {"reward_funcs": ["exact_match"]}),
+    ("qwen2_vl", "dpo", "reward_funcs", {"reward_funcs": ["exact_match"]}),
+    ("clip", None, "trl", {"trl": {"beta": 0.1}}),  # contrastive
+])
+def test_task_only_keys_are_refused_under_other_tasks(tiny_model_dir, tmp_path, family, task, key, extra):
+    from mixtune.models.registry import get_family
+    from mixtune.tasks import TASK_KEYS, task_name
+
+    (tmp_path / "p.json").write_text("[]")
+    data = str(tmp_path / "p.json")
+    config = build_config({**base_config(tiny_model_dir(family), data, tmp_path / "o", task=task), **extra})
+    fam = get_family(family)
+    with pytest.raises(ConfigError) as e:
+        task_name(config.mix, fam)
+    name = task or fam.task
+    assert e.value.key == key and str(e.value).count("\n") == 0
+    assert f"only by task {', '.join(TASK_KEYS[key])}" in str(e.value) and f"task is '{name}'" in str(e.value)
+    ok = {"trl": "dpo", "reward_funcs": "grpo"}[key]  # the task that reads the key accepts it
+    if ok in fam.task_choices:
+        config = build_config({**base_config(tiny_model_dir(family), data, tmp_path / "o", task=ok), **extra})
+        assert task_name(config.mix, fam) == ok

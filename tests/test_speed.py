@@ -237,3 +237,56 @@ def test_recompute_vision_false_checkpoints_only_the_language_model_in_training(
     for h in handles:
         h.remove()
     assert seen and not any(seen)
+
+
+# ---- the GPU benchmarks' CPU smoke runs ----
+
+def run_benchmark(name: str, argv: list[str], monkeypatch, capsys) -> list[dict]:
+    import importlib
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [name] + argv)
+    module.main()
+    return [json.loads(line[len("RESULT "):]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("RESULT ")]
+
+
+def test_gpu_throughput_runs_tiny_on_the_cpu(monkeypatch, capsys):
+    """Every setting prints one RESULT line: the CPU ones with figures, over the same samples padded and packed;
+    the GPU-only ones saying why they were skipped."""
+    settings = ["padded", "mixtoken_mask", "mixtoken_packed", "mixtoken_varlen", "mixtoken_flash", "padded+liger"]
+    results = run_benchmark("gpu_throughput", ["--tiny", "--settings", ",".join(settings), "--steps", "1",
+                                               "--warmup", "1", "--samples", "24", "--max_length", "512"],
+                            monkeypatch, capsys)
+    by = {r["setting"]: r for r in results}
+    assert sorted(by) == sorted(settings) and len(results) == len(settings)
+    ran = [by[s] for s in ("padded", "mixtoken_mask", "mixtoken_packed")]
+    for r in ran:
+        assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["mfu"] is None  # no known peak on a CPU
+    assert len({r["tokens_per_step"] for r in ran}) == 1  # the same samples in every setting
+    assert by["padded"]["batch_shape"][0] > by["mixtoken_packed"]["batch_shape"][0]
+    assert "CUDA" in by["mixtoken_varlen"]["skipped"] and "CUDA" in by["padded+liger"]["skipped"]
+    assert "flash-attn" in by["mixtoken_flash"]["skipped"] or "CUDA" in by["mixtoken_flash"]["skipped"]
+
+
+def test_memory_benchmark_shows_what_lora_saves(monkeypatch, tmp_path):
+    """memory.py's measuring step, in this process: LoRA trains a fraction of the weights and its optimizer
+    state is a fraction of full SFT's; the weights held are the same model's."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import memory
+
+    model_dir, data = memory.prepare(str(tmp_path), "tiny", 0)
+    args = SimpleNamespace(tiny=True, batch_size=2, steps=1, recompute=False, threads=1, seed=0)
+    full = memory.run_mode("full", model_dir, data, str(tmp_path), args)
+    lora = memory.run_mode("lora", model_dir, data, str(tmp_path), args)
+    assert lora["trainable_params"] * 10 < full["trainable_params"]
+    assert lora["optimizer_mib"] * 10 < full["optimizer_mib"] and lora["grads_mib"] * 10 < full["grads_mib"]
+    assert full["optimizer_mib"] == pytest.approx(2 * full["grads_mib"], rel=0.01)  # AdamW: two fp32 moments
+    assert lora["weights_mib"] >= full["weights_mib"]  # the base is all there, plus the adapters
+    assert sys.modules["memory"] is memory

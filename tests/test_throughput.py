@@ -64,7 +64,8 @@ def test_tokens_per_second_is_the_tokens_the_batches_carried_over_train_time(tin
     # one whole epoch, no eval: every batch the collator built is a batch that trained
     cfg = load_config(write_config(tmp_path, tiny_model_dir("qwen2_vl"), varied_data(tmp_path), max_steps=-1,
                                    num_train_epochs=1, gradient_accumulation_steps=accumulation, mixtoken=mixtoken,
-                                   max_length=400, benchmark=True))
+                                   max_length=400, benchmark=True,
+                                   dataloader_num_workers=0))  # the recorder's list lives in this process
     final, recorder, trainer = train_recorded(monkeypatch, cfg)
     carried = sum(b["real"] for b in recorder.batches)
     positions = sum(b["positions"] for b in recorder.batches)

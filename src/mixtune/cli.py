@@ -85,6 +85,18 @@ def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
+    if args.task == "detection":  # a tiny Grounding DINO on drawn shapes (tools/detection_demo.py)
+        from mixtune.tools.detection_demo import run_detection_demo
+
+        out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_detection"
+        print(json.dumps(run_detection_demo(out, parse_overrides(extra)), indent=1))
+        return 0
+    if args.task == "text_to_audio":  # a tiny AudioLDM2 learns pitch from captions (tools/audio_demo.py)
+        from mixtune.tools.audio_demo import run_audio_demo
+
+        print(json.dumps(run_audio_demo(args.output_dir if args.output_dir != "runs/demo" else "runs/demo_audio",
+                                        parse_overrides(extra)), indent=1))
+        return 0
     if args.task in ("dpo", "grpo"):  # after the chat demo's SFT (tools/pref_demo.py)
         from mixtune.tools.pref_demo import run_pref_demo
 
@@ -162,12 +174,29 @@ def cmd_predict(args, extra) -> int:
     if is_segmentation_model(model, lora):  # SAM: masks as RLE results (infer/segment.py)
         return predict_segmentation_cli(model, lora, entries, args)
     options = generation_options(args)
+    if is_detector(model, lora):  # boxes, not text: COCO results and drawn pictures
+        from mixtune.infer.detection_predict import predict_detection
+
+        print(json.dumps(predict_detection(model, entries, args.output_dir, args.draw, args.batch_size,
+                                           args.threshold, lora), indent=1))
+        return 0
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     summary = predict(engine, items, options, args.output_dir, args.batch_size, metrics)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def is_detector(model: str | None, lora: str | None) -> bool:
+    import os
+
+    from mixtune.models.registry import family_for_checkpoint
+    from mixtune.tools.merge_lora import read_adapter_config
+
+    base = model or read_adapter_config(lora).get("base_model_name_or_path")
+    # a local checkpoint only: anything else is for the chat engine to load (or to refuse) as before
+    return bool(base) and os.path.isdir(base) and family_for_checkpoint(base).task == "detection"
 
 
 def cmd_serve(args, extra) -> int:
@@ -276,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
     p.add_argument("--task", default="chat",
-                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation"],
+                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation", "detection",
+                            "text_to_audio"],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
-                        "segmentation: tiny SAM, box prompts, mIoU")
+                        "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO, COCO AP50; "
+                        "text_to_audio: tiny AudioLDM2, pitch of tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("predict", help="answer a dataset with a model; write predictions.jsonl and metrics")
@@ -294,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,bleu4,rouge_l,cider")
     p.add_argument("--draw", action="store_true", help="detection / segmentation: also write PNGs with the "
                    "predictions drawn (output_dir/drawn/)")
+    p.add_argument("--threshold", type=float, default=0.3, help="with --draw: the lowest score drawn")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
 

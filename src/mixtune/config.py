@@ -43,12 +43,14 @@ class MixtuneArgs:
         "help": "freeze everything but the classifier head (classification families: timm); adds to freeze_include"})
     freeze_head: bool = field(default=False, metadata={
         "help": "freeze the classifier head (classification families: timm); adds to freeze_include"})
+    freeze_text_encoder: bool = field(default=False, metadata={
+        "help": "freeze the text encoder (detection families: Grounding DINO's BERT); adds to freeze_include"})
     task: str | None = field(default=None, metadata={
-        "help": "chat, contrastive, classification, dpo or grpo; default: the checkpoint's (a CLIPModel is "
+        "help": "chat, contrastive, classification, dpo, kto or grpo; default: the checkpoint's (a CLIPModel is "
                 "contrastive)"})
     trl: dict = field(default_factory=dict, metadata={
-        "help": "dpo / grpo: options of TRL's DPOConfig / GRPOConfig as TRL names them, e.g. {beta: 0.1, "
-                "loss_type: ipo}"})
+        "help": "dpo / kto / grpo: options of TRL's DPOConfig / KTOConfig / GRPOConfig as TRL names them, e.g. "
+                "{beta: 0.1, loss_type: ipo}"})
     reward_funcs: list[str] = field(default_factory=list, metadata={
         "help": "grpo: rewards by name (exact_match, format, boxed_accuracy) or a Python function as 'pkg.mod:fn'"})
     mixup_alpha: float = field(default=0.0, metadata={
@@ -290,6 +292,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.qlora import check_quantization
 
     check_quantization(mix, bool(train_kwargs.get("use_cpu")))
+    from mixtune.train.liger import check_liger
+
+    check_liger(bool(train_kwargs.get("use_liger_kernel")), bool(train_kwargs.get("use_cpu")), mix.model_name_or_path)
     if mix.mixtoken and train_kwargs.get("train_sampling_strategy") == "group_by_length":
         # packs already group samples by length; the length-grouped sampler cannot read packs
         train_kwargs["train_sampling_strategy"] = "random"
@@ -299,6 +304,9 @@ def build_config(raw: dict, base_dir: str = ".") -> Config:
     from mixtune.train.distributed import apply_parallelism
 
     apply_parallelism(mix, train_kwargs, notes)  # sharding / fsdp / parallel degrees -> TrainingArguments
+    from mixtune.data.workers import apply_loader_default
+
+    apply_loader_default(train_kwargs, notes)  # loader workers overlap data preparation with compute
     for key in ("output_dir", "logging_dir"):
         if train_kwargs.get(key) and not os.path.isabs(train_kwargs[key]):
             train_kwargs[key] = os.path.normpath(os.path.join(os.getcwd(), train_kwargs[key]))

@@ -34,6 +34,7 @@ EXTRA_FEATURES = {
     "onnx": "mixtune export to ONNX (onnx, onnxruntime)",
     "liger": "Liger kernels (fused losses and layers)",
     "yolo": "YOLO detection through ultralytics",
+    "detection": "the detection task: Grounding DINO's Hungarian matcher (scipy) and COCO box mAP (pycocotools)",
 }
 # distribution name -> module to import, where they differ
 MODULES = {"open-clip-torch": "open_clip", "pillow": "PIL", "pyyaml": "yaml", "liger-kernel": "liger_kernel",

@@ -72,6 +72,25 @@ class MixDataset(torch.utils.data.Dataset):
         return dict(zip(self.names, self.parts))
 
 
+def redraws_each_epoch(dataset) -> bool:
+    """Whether set_epoch gives this dataset other samples or rows per epoch: MixToken re-packs, and a ratio
+    with a fractional part draws a different subset of its entry."""
+    if hasattr(dataset, "packs"):
+        return True
+    return any(w is not None and float(w) != int(w) for w in getattr(dataset, "weights", ()))
+
+
+def check_persistent_workers(args, dataset) -> None:
+    """Persistent loader workers keep the dataset copy they were started with, so an epoch's redraw would
+    silently never reach them: every epoch would train the first epoch's draw."""
+    from mixtune.errors import ConfigError
+
+    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0 and redraws_each_epoch(dataset):
+        raise ConfigError("cannot be used with MixToken or a fractional sampling ratio: the workers would keep the "
+                          "first epoch's rows and mixture instead of each epoch's redraw; set it false",
+                          key="dataloader_persistent_workers")
+
+
 def epoch_callback(dataset):
     """A TrainerCallback calling `dataset.set_epoch` at each epoch: a MixDataset redraws its mixture, a
     PackedDataset redraws and re-packs (the loader workers, re-created per epoch unless

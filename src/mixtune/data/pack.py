@@ -11,7 +11,8 @@ the model's own rope-index function, per sample, concatenated; see `Family.pack_
 attention mask, transformers reads the restarts as sample boundaries: a block-diagonal causal mask for
 SDPA / eager / flex, and cu_seqlens for flash-attention varlen, which only does so for a batch of one
 row, so under flash-attention the collator joins all rows into one, unpadded. On the CPU, SDPA is
-swapped for `PACKED_SDPA`, which runs SDPA on each sample alone (see `isolation_for`). `use_cache=False`
+swapped for `PACKED_SDPA`, which runs causal SDPA over the samples alone, gathered into a few padded
+batches of similar length (see `isolation_for`, `packed_sdpa_attention`). `use_cache=False`
 is sent too: with a cache, transformers skips packed-sequence detection and samples would leak.
 
 Loss: the first label of each sample is masked, so the last token of one sample is never trained to
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -190,46 +192,154 @@ def _pad_positions(pos: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """SDPA run on each packed sample alone, causal, found from where its positions restart.
+    """SDPA over each packed sample alone, causal, found from where its positions restart.
 
     A block-diagonal mask is exact but still pays for every cross-sample block (cost L^2 per row); this
-    pays sum(len^2) and computes no cross-sample terms at all: the CPU/SDPA counterpart of flash-attention
-    varlen. Anything that is not a packed row (eval batches, generation, the vision tower) goes to
-    transformers' own SDPA unchanged, with its mask.
+    pays about sum(len^2) and computes no cross-sample terms at all: the CPU/SDPA counterpart of
+    flash-attention varlen. The samples of all rows are gathered into a few padded batches of similar
+    length (`PackedLayout`), one causal SDPA call each, and the outputs gathered back into row order:
+    a handful of tensor ops per layer however many samples a row holds, and the layout is worked out
+    once per forward (not per layer). Padding sits at the end of each sample, where causal attention
+    keeps it out of every real token's view. Anything that is not a packed row (eval batches,
+    generation, the vision tower) goes to transformers' own SDPA unchanged, with its mask.
     """
-    cuts = _sample_cuts(position_ids, query.shape[2]) if query.shape[2] == key.shape[2] else None
-    if cuts is None:
+    layout = packed_layout(position_ids, query) if query.shape[2] == key.shape[2] else None
+    if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    rows = []
-    for b, row in enumerate(cuts):
-        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
-                 for s, e in zip(row[:-1], row[1:])]
-        rows.append(torch.cat(parts, dim=1))  # (1, L, heads, head_dim), as sdpa_attention_forward returns
-    return torch.cat(rows, dim=0), None
+    batch, heads, length = query.shape[:3]
+
+    def tokens(t):  # (B, heads, L, D) -> (B * L, heads, D)
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1])
+
+    q, k, v = tokens(query), tokens(key), tokens(value)
+    outs = []
+    for index in layout.buckets:  # (samples, longest) token indices: one padded batch of similar lengths
+        out = sdpa_attention_forward(module, q[index].transpose(1, 2), k[index].transpose(1, 2),
+                                     v[index].transpose(1, 2), None, is_causal=True, **kwargs)[0]
+        outs.append(out.reshape(-1, heads, out.shape[-1]))  # (samples * longest, heads, D)
+    out = torch.cat(outs)[layout.inverse]  # each token's output, back in row order
+    return out.reshape(batch, length, heads, out.shape[-1]), None  # as sdpa_attention_forward returns
 
 
-def _sample_cuts(position_ids, length: int) -> list[list[int]] | None:
-    """Per row, the indices where a sample starts (positions not following on by 1), plus the end; None
-    when no row holds more than one sequence (transformers' own rule, `find_packed_sequence_indices`)."""
-    if position_ids is None or position_ids.shape[-1] != length:
+# how much longer than the shortest sample of a length bucket its longest may be: padding within a bucket
+# costs at most BUCKET_SPREAD^2 times a sample's own attention, and fewer buckets mean fewer kernel calls
+BUCKET_SPREAD = 2.0
+MAX_BUCKETS = 4
+
+
+@dataclass
+class PackedLayout:
+    """Where the packed samples of a batch go: `buckets[j]` is a (samples, longest) tensor of token indices
+    into the flattened (B * L) batch, each sample's tokens in order then its own first token repeated as
+    padding; `inverse[t]` is token t's slot in the buckets' outputs concatenated."""
+
+    buckets: list[torch.Tensor]
+    inverse: torch.Tensor
+    cu_seqlens: torch.Tensor  # (S + 1,) int32: where each sample starts in the flattened batch, then its end
+    longest: int  # the longest sample's length
+
+
+def sample_layout(position_ids: torch.Tensor, rows: int, length: int) -> PackedLayout | None:
+    """The layout of a batch from its positions, or None when no row holds more than one sequence
+    (transformers' own rule, `find_packed_sequence_indices`: a sample starts where positions do not
+    follow on by 1)."""
+    if position_ids is None or position_ids.shape[-1] != length or position_ids.numel() != rows * length:
         return None
-    pos = position_ids.reshape(-1, length)
+    pos = position_ids.reshape(rows, length)
     new = torch.ones_like(pos, dtype=torch.bool)
     new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
     if not new[:, 1:].any():
         return None
-    return [row.nonzero().flatten().tolist() + [length] for row in new]
+    device, new = pos.device, new.reshape(-1)
+    total = rows * length
+    starts = new.nonzero().flatten()  # (S,) first token of each sample (each row starts one)
+    lengths = torch.diff(starts, append=torch.tensor([total], device=device))
+    sample_of = new.cumsum(0) - 1  # (B * L,) which sample each token belongs to
+    offset = torch.arange(total, device=device) - starts[sample_of]
+    # buckets of similar length, longest first; the only Python here runs over buckets, not samples
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    bounds, first = [], 0
+    while first < len(sorted_lengths):
+        longest = sorted_lengths[first]
+        end = len(sorted_lengths) if len(bounds) == MAX_BUCKETS - 1 else \
+            first + sum(1 for n in sorted_lengths[first:] if n * BUCKET_SPREAD >= longest)
+        bounds.append((first, end, longest))
+        first = end
+    slot = torch.empty_like(starts)  # each sample's first slot in the concatenated bucket outputs
+    buckets, base = [], 0
+    for first, end, longest in bounds:
+        members = order[first:end]
+        steps = torch.arange(longest, device=device)
+        inside = steps[None, :] < lengths[members][:, None]
+        buckets.append(torch.where(inside, starts[members][:, None] + steps[None, :], starts[members][:, None]))
+        slot[members] = base + torch.arange(end - first, device=device) * longest
+        base += (end - first) * longest
+    cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+    return PackedLayout(buckets, slot[sample_of] + offset, cu_seqlens, sorted_lengths[0])
 
+
+_last_layout: tuple = (None, None)  # (weakref to the position ids, their layout): one per forward
+
+
+def packed_layout(position_ids, query) -> PackedLayout | None:
+    """`sample_layout`, worked out once for the position ids that every layer of a forward receives (the
+    same tensor, recomputation under activation checkpointing included) and reused by the other layers."""
+    global _last_layout
+    if position_ids is None:
+        return None
+    ref, layout = _last_layout
+    if ref is not None and ref() is position_ids:
+        return layout
+    layout = sample_layout(position_ids, query.shape[0], query.shape[2])
+    _last_layout = (weakref.ref(position_ids), layout)
+    return layout
+
+
+def packed_varlen_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """torch's own varlen flash attention (`torch.nn.attention.varlen.varlen_attn`: CUDA, fp16 / bf16) over
+    the packed samples of all rows at once, from the cu_seqlens of `PackedLayout`: flash-attention varlen
+    without the flash-attn package, and without joining the rows into one. Elsewhere (not packed, CPU, fp32)
+    it is transformers' SDPA. GPU only, so checked by benchmarks/packing_gpu_check.py, not by the CPU tests."""
+    layout = packed_layout(position_ids, query) if query.shape[2] == key.shape[2] else None
+    if layout is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, length = query.shape[:3]
+
+    def tokens(t):  # (B, heads, L, D) -> (B * L, heads, D)
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1])
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch >= 2.12 / older
+    if key.shape[1] != heads and "enable_gqa" not in params:
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
+    elif key.shape[1] != heads:
+        causal["enable_gqa"] = True
+    out = varlen_attn(tokens(query), tokens(key), tokens(value), layout.cu_seqlens, layout.cu_seqlens,
+                      layout.longest, layout.longest, scale=kwargs.get("scaling"), **causal)
+    return out.reshape(batch, length, heads, out.shape[-1]), None
+
+
+# torch's varlen attention for packed rows on a GPU (see packed_varlen_attention); not a default yet
+PACKED_VARLEN = "mixtune_packed_varlen"
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the SDPA mask, for batches that are not packed
+AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
+AttentionMaskInterface.register(PACKED_VARLEN, sdpa_mask)
 
 
-def use_packed_sdpa(model) -> None:
-    """Switch the language model (only) from SDPA to `PACKED_SDPA`; not saved with the checkpoint."""
-    target = {"text_config": PACKED_SDPA} if "text_config" in getattr(model.config, "sub_configs", {}) else PACKED_SDPA
+def use_packed_sdpa(model, attention: str = PACKED_SDPA) -> None:
+    """Switch the language model (only) from SDPA to `PACKED_SDPA` (or `PACKED_VARLEN`); not saved with the
+    checkpoint."""
+    target = {"text_config": attention} if "text_config" in getattr(model.config, "sub_configs", {}) else attention
     model.set_attn_implementation(target)
 
 
@@ -241,11 +351,13 @@ def isolation_for(attn_implementation: str | None, on_gpu: bool) -> str:
 
     Why SDPA differs by device: on the CPU, per-sample SDPA took a packed epoch from 1.1x to 2.5x the
     padded one's speed (benchmarks/packing.py); on an H100 with tiny models the per-sample kernel
-    launches cost more than the masked blocks (85 vs 35 ms a step), and flash-attention is the GPU path.
+    launches (one per sample then; now a few per layer, by length bucket) cost more than the masked
+    blocks (85 vs 35 ms a step), and flash-attention is the GPU path. Whether the batched per-sample SDPA
+    now beats the mask on a GPU is for benchmarks/gpu_throughput.py (`sdpa_packed` vs `sdpa`) to show.
     """
     if attn_implementation in VARLEN_ATTENTION:
         return "varlen"
-    if attn_implementation == PACKED_SDPA or (attn_implementation == "sdpa" and not on_gpu):
+    if attn_implementation in (PACKED_SDPA, PACKED_VARLEN) or (attn_implementation == "sdpa" and not on_gpu):
         return "per_sample_sdpa"
     return "mask"
 

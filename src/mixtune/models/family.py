@@ -7,7 +7,7 @@ path works": the checkpoint's processor and chat template render and tokenise th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mixtune.data.grounding import DEFAULT_STYLE, GroundingStyle
@@ -20,7 +20,7 @@ LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 
 
 # Tasks that start from what another task trained: a chat (SFT) checkpoint goes on to DPO or GRPO.
-FOLLOW_ON_TASKS = {"chat": ("dpo", "grpo")}
+FOLLOW_ON_TASKS = {"chat": ("dpo", "kto", "grpo")}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Family:
     collate_media: Callable[[list[dict]], dict] | None = None
     # Python modules the family's processor imports beyond mixtune's dependencies (SmolVLM: num2words).
     requires: tuple[str, ...] = ()
+    # attention implementations that load but compute something else for this family: {name: why}
+    refused_attn: dict = field(default_factory=dict)
     # MixToken packing: (model, Encoded sample) -> that sample's position ids as the model takes them for a
     # batch of one: (L,) for 1-D RoPE (`mixtune.data.pack.text_positions`), (rows, L) for M-RoPE. Packed
     # rows concatenate them; positions restarting at 0 are what keep samples apart. None: the family

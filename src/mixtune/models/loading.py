@@ -25,6 +25,11 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     family.check_requires()
     auto = getattr(transformers, family.auto_class)
     kwargs = {"dtype": dtype}
+    if attn_implementation in family.refused_attn:
+        from mixtune.errors import ConfigError
+
+        raise ConfigError(f"'{attn_implementation}' is refused for {family.name}: "
+                          f"{family.refused_attn[attn_implementation]}", key="attn_implementation")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:  # QLoRA (train/qlora.py)

@@ -15,6 +15,8 @@ FAMILY_MODULES = [
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
+    "grounding_dino",  # detection
+    "audioldm2",  # text_to_audio (a diffusers pipeline folder)
 ]
 
 # Other names users write for a family.
@@ -63,6 +65,10 @@ def read_model_type(model_name_or_path: str) -> str:
             from mixtune.models.open_clip_family import model_type_of
 
             return model_type_of(model_name_or_path)  # open_clip's own folder format
+        if not os.path.exists(config_path) and os.path.exists(os.path.join(model_name_or_path, "model_index.json")):
+            from mixtune.models.audioldm2 import model_type_of as diffusers_model_type
+
+            return diffusers_model_type(model_name_or_path)  # a diffusers pipeline folder
         if not os.path.exists(config_path):
             raise MixtuneError(f"{model_name_or_path} is not a checkpoint folder: it has no config.json")
         with open(config_path) as f:
@@ -103,9 +109,9 @@ def support_table() -> str:
         chat = fam.task == "chat"
         lora = "yes" if fam.supports_lora else "no"
         rows.append((fam.name, ",".join(fam.model_types), "yes", lora, packing, "yes" if chat else "-",
-                     ",".join(fam.media_kinds), fam.task,
+                     ",".join(fam.media_kinds) or "-", fam.task,
                      "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
         "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
-        "contrastive and classification families by tests/test_tasks.py)"
+        "contrastive and classification families by tests/test_tasks.py; audioldm2 by tests/test_text_to_audio.py)"

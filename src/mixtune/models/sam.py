@@ -68,6 +68,7 @@ FAMILY = Family(
     # then trains fully beside the adapters (tasks/segmentation.py adds it to lora_modules_to_save)
     lora_targets=r"vision_encoder\.layers\.\d+\.attn\.(qkv|proj)",
     auto_class="SamModel",
+    requires=("pycocotools",),  # COCO polygons / RLE to masks (pip install 'mixtune[detection]')
     uses_chat_template=False,
     task="segmentation",
     # "vision" (not "vision_encoder") so that the config's freeze_vision shortcut names the image encoder

@@ -18,7 +18,9 @@ from typing import Any
 
 from mixtune.errors import ConfigError
 
-TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "segmentation")
+TASKS = ("chat", "contrastive", "classification", "dpo", "grpo", "kto", "segmentation", "detection", "text_to_audio")
+# config keys only some tasks read: set under any other task they would be silently ignored, so they are refused
+TASK_KEYS = {"trl": ("dpo", "kto", "grpo"), "reward_funcs": ("grpo",)}
 
 
 @dataclass
@@ -41,7 +43,16 @@ def task_name(mix, family) -> str:
     if name not in family.task_choices:
         choices = " or ".join(f"'{t}'" for t in family.task_choices)
         raise ConfigError(f"a {family.name} checkpoint trains for {choices}, not '{name}'", key="task")
+    check_task_keys(mix, name)
     return name
+
+
+def check_task_keys(mix, name: str) -> None:
+    for key, tasks in TASK_KEYS.items():
+        if getattr(mix, key) and name not in tasks:
+            takes = ", ".join(tasks)
+            raise ConfigError(f"is read only by task {takes}; this run's task is '{name}', which would ignore it",
+                              key=key)
 
 
 def get_task(name: str):

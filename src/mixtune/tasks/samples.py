@@ -51,7 +51,7 @@ def build_sample_split(config, split: str, read: Callable, prepare: Callable, ta
     parts = []
     for i, entry in enumerate(entries):
         wanted = reads or ("classification" if task == "classification" else "chat")
-        if reader_task(entry.name) != wanted:
+        if reader_task(entry.name) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
             raise ConfigError(f"'{entry.name}' data does not fit the {task} task", key=f"dataset.{split}[{i}].name")
         bad = BadSamples(entry.on_bad_sample, entry=entry.label(), strict_fields=entry.strict_fields)
         samples = read(entry, bad)

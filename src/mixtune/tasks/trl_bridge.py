@@ -1,4 +1,4 @@
-"""What the TRL-backed tasks (dpo, grpo) share: importing TRL with a one-line install hint, the config's `trl`
+"""What the TRL-backed tasks (dpo, kto, grpo) share: importing TRL with a one-line install hint, the config's `trl`
 options checked against TRL's own config class, and a Trainer class that is both mixtune's (crash-safe saves,
 per-part rates, resume repair) and TRL's (its loss, reference model, metrics).
 
@@ -46,7 +46,7 @@ def trl_args(training_args, config_class, options: dict, managed: dict):
               for k, v in values.items()}
     values["accelerator_config"] = dataclasses.asdict(training_args.accelerator_config)
     try:
-        return config_class(**values, **{**options, **managed})
+        return config_class(**{**values, **options, **managed})
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid TRL options: {e}", key="trl") from None
 

@@ -141,6 +141,53 @@ def classification_starter(family, lora: bool, mixtoken: bool) -> list[str]:
     return lines
 
 
+def detection_starter(family, lora: bool, mixtoken: bool) -> list[str]:
+    lines = ["dataset:", "  train:", "    - name: coco_detection",
+             f"      data_files: {FILL_IN}    # a COCO instances JSON; or name: odvg (Grounding DINO's JSONL) "
+             "or refcoco",
+             "      # image_root: train2017",
+             "  # eval:    # adds eval_map, eval_map_50, eval_map_75 (COCO box mAP)",
+             "  #   - name: coco_detection", "  #     data_files: instances_val.json",
+             "", f"output_dir: output/{family.name}_detection",
+             "per_device_train_batch_size: 4",
+             "num_train_epochs: 12",
+             "learning_rate: 1.0e-04",
+             "weight_decay: 1.0e-04",
+             "max_grad_norm: 0.1",
+             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
+             "logging_steps: 10",
+             "save_strategy: epoch",
+             "save_total_limit: 2",
+             ""]
+    return lines + parts_lines(family, ("text_encoder",))  # BERT kept as released
+
+
+def text_to_audio_starter(family, lora: bool, mixtoken: bool) -> list[str]:
+    lines = ["dataset:", "  train:", "    - name: audio_captions",
+             f"      data_files: {FILL_IN}    # an AudioCaps-style CSV (caption + audio / file_name / audiocap_id) "
+             'or a JSONL of {"audio": "a.wav", "caption": "a dog barks"}; hf_audio_captions for a datasets folder',
+             "      # image_root: wav/    # the folder relative audio paths start from",
+             "  # eval:    # adds eval_loss; with eval_with_do_generation also WAVs and eval_clap_similarity",
+             "  #   - name: audio_captions", "  #     data_files: val.csv",
+             "# eval_with_do_generation: true",
+             "", f"output_dir: output/{family.name}_text_to_audio",
+             "per_device_train_batch_size: 4",
+             "num_train_epochs: 5",
+             "lr_scheduler_type: cosine",
+             "warmup_steps: 0.1    # below 1: a ratio of all steps",
+             "weight_decay: 0.01",
+             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
+             "logging_steps: 10",
+             "save_strategy: epoch",
+             "save_total_limit: 2",
+             "",
+             "# the UNet trains; the text encoders, VAE and vocoder stay frozen unless freeze_include says otherwise",
+             "# (then it alone says what is frozen; a freeze_<part> key can only freeze a part, never train one)"]
+    globs = [f"#   {part}: {list(g)}" for part, g in family.named_parts().items()]
+    lines += lora_lines(family, "1.0e-04") if lora else ["learning_rate: 1.0e-05", "# the parts' globs:", *globs]
+    return lines
+
+
 def segmentation_starter(family, lora: bool, mixtoken: bool) -> list[str]:
     lines = ["dataset:", "  train:", "    - name: coco_segmentation",
              f"      data_files: {FILL_IN}    # a COCO instances JSON whose annotations carry a `segmentation` "
@@ -172,6 +219,7 @@ def segmentation_starter(family, lora: bool, mixtoken: bool) -> list[str]:
 
 
 STARTERS = {"chat": chat_starter, "contrastive": contrastive_starter, "classification": classification_starter,
+            "detection": detection_starter, "text_to_audio": text_to_audio_starter,
             "segmentation": segmentation_starter}
 
 

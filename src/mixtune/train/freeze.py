@@ -39,7 +39,7 @@ def frozen_names(names: list[str], include: list[str] | None, exclude: list[str]
 
 PARTS = ("vision", "projector", "language")  # the chat families' parts
 # every `freeze_<part>` key of the config; which parts a model has is its family's `named_parts`
-FREEZE_SHORTCUTS = PARTS + ("text", "backbone", "head")
+FREEZE_SHORTCUTS = PARTS + ("text", "backbone", "head", "text_encoder")
 
 
 def part_of(name: str, family) -> str | None:

@@ -9,7 +9,7 @@ import os
 from mixtune.config import Config
 from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
-from mixtune.data.mix import epoch_callback
+from mixtune.data.mix import check_persistent_workers, epoch_callback
 from mixtune.errors import ConfigError
 from mixtune.paddle_compat import with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
@@ -109,6 +109,7 @@ def build_trainer(config: Config):
              family.name), task.__name__.rsplit(".", 1)[-1], summary)
     with main_process_first():  # the main process scans and caches lengths; the others read its cache
         data = task.build_data(config, family, model, processor)
+    check_persistent_workers(args, data.train)
     # each epoch redraws a ratio mixture and, with MixToken, re-packs it (both through set_epoch)
     trainer = (data.trainer_class or MixTrainer)(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
@@ -118,7 +119,8 @@ def build_trainer(config: Config):
     trainer.part_rates = PartRates.from_config(mix, family)
     for key, value in data.trainer_attrs.items():
         setattr(trainer, key, value)
-    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model)
+    trainer.labelled_logits_only = mix.labelled_logits_only and labelled_logits_supported(model) and \
+        not args.use_liger_kernel  # Liger's fused loss never materialises the logits (train/liger.py)
     trainer.flops_per_token = flops_per_token(model) if task.__name__.endswith(".chat") else None  # for MFU
     apply_recompute(trainer, family, mix.recompute_vision)
     return trainer

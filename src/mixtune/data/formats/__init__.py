@@ -37,8 +37,10 @@ def get_reader(name: str) -> Callable:
 
 
 def _load_builtin_readers() -> None:
-    from mixtune.data.formats import chatml, coco, hf, labels, llava, preference, sharegpt  # noqa: F401  (they register themselves)
+    from mixtune.data.formats import chatml, coco, hf, labels, llava, preference, sharegpt, unpaired  # noqa: F401  (they register themselves)
     from mixtune.data.formats import segmentation  # noqa: F401
+    from mixtune.data.formats import detection  # noqa: F401
+    from mixtune.data.formats import audio_captions  # noqa: F401
 
 
 def expand_data_files(data_files: Any, base_dir: str = ".") -> list[str]:
