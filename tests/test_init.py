@@ -23,7 +23,8 @@ from video_fixtures import write_tone
 
 ALL = [f.name for f in families(task=None)]
 FAST = [("qwen2_vl", False, False), ("qwen2_vl", True, True), ("llava", True, False), ("qwen2_audio", False, False),
-        ("clip", False, False), ("clip", True, False), ("timm", False, False), ("audioldm2", True, False)]
+        ("clip", False, False), ("clip", True, False), ("timm", False, False), ("audioldm2", True, False),
+        ("sam", False, False)]
 
 
 def write_data(root, family) -> str:
@@ -38,6 +39,10 @@ def write_data(root, family) -> str:
             for i in range(2):
                 Image.new("RGB", (64, 64), rgb).save(os.path.join(root, "classes", name, f"{i}.png"))
         return os.path.join(root, "classes")
+    if family.task == "segmentation":  # a COCO instances JSON with masks (the demo's synthetic shapes)
+        from mixtune.tools.seg_demo import make_shapes_coco
+
+        return make_shapes_coco(root, "shapes", 2)
     for name, rgb in colours.items():
         Image.new("RGB", (112, 112), rgb).save(os.path.join(root, f"{name}.png"))
     if family.task == "text_to_audio":

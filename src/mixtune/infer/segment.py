@@ -25,14 +25,14 @@ def predict_segmentation(model_path: str, entry, output_dir: str, base_dir: str 
     from mixtune.data.badsamples import BadSamples
     from mixtune.models.loading import load_model_and_processor
     from mixtune.data.formats.segmentation import read_mask_samples
-    from mixtune.tasks.segmentation import MaskPrep, collate_masks, low_res_side, predict_masks
+    from mixtune.tasks.segmentation import MaskPrep, collate_masks, predict_masks
 
     entry = entry_of(entry, base_dir)
     _, model, processor = load_model_and_processor(model_path, lora_path=lora_path, merge_lora=True)
     model.eval()
     bad = BadSamples(entry.on_bad_sample, entry=entry.label())
     samples = read_mask_samples(entry, bad, need_mask=False)
-    prep = MaskPrep(processor, low_res_side(model), train=False)
+    prep = MaskPrep(processor, train=False)
     results, masks, ious = [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]

@@ -71,5 +71,6 @@ FAMILY = Family(
     requires=("pycocotools",),  # COCO polygons / RLE to masks (pip install 'mixtune[detection]')
     uses_chat_template=False,
     task="segmentation",
-    parts=(("vision_encoder", VISION), ("prompt_encoder", PROMPT), ("mask_decoder", DECODER)),
+    # "vision" (not "vision_encoder") so that the config's freeze_vision shortcut names the image encoder
+    parts=(("vision", VISION), ("prompt_encoder", PROMPT), ("mask_decoder", DECODER)),
 )

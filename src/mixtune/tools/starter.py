@@ -188,8 +188,39 @@ def text_to_audio_starter(family, lora: bool, mixtoken: bool) -> list[str]:
     return lines
 
 
+def segmentation_starter(family, lora: bool, mixtoken: bool) -> list[str]:
+    lines = ["dataset:", "  train:", "    - name: coco_segmentation",
+             f"      data_files: {FILL_IN}    # a COCO instances JSON whose annotations carry a `segmentation` "
+             "(polygons or RLE); one sample per non-crowd object",
+             "      prompt: box    # each object prompted by its mask's box (jittered 10% in training), or: point",
+             "      # image paths (file_name) are relative to the JSON's folder (or set image_root)",
+             "  # eval:    # adds eval_miou (each object's mask at its image's size against its ground truth)",
+             "  #   - name: coco_segmentation", "  #     data_files: val.json", "  #     prompt: box",
+             "", f"output_dir: output/{family.name}_{'lora' if lora else 'segmentation'}",
+             "per_device_train_batch_size: 8    # objects (each its own image pass) per step",
+             "num_train_epochs: 10",
+             "lr_scheduler_type: cosine",
+             "warmup_steps: 0.05    # below 1: a ratio of all steps",
+             "weight_decay: 0.0",
+             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
+             "logging_steps: 10",
+             "save_strategy: epoch",
+             "save_total_limit: 2",
+             "# eval_strategy: epoch",
+             ""]
+    if lora:  # the mask decoder trains fully beside the encoder's adapters (tasks/segmentation.py's default)
+        return lines + [line if not line.startswith("# lora_modules_to_save") else
+                        "# lora_modules_to_save: [mask_decoder]    # the default: trained fully beside the adapters"
+                        for line in lora_lines(family, "1.0e-04")]
+    return lines + ["learning_rate: 1.0e-04",
+                    "# segmentation keeps the image encoder frozen by default (a pretrained SAM's); "
+                    "freeze_exclude: ['vision_encoder.*'] trains it",
+                    *parts_lines(family, ("vision",))]
+
+
 STARTERS = {"chat": chat_starter, "contrastive": contrastive_starter, "classification": classification_starter,
-            "detection": detection_starter, "text_to_audio": text_to_audio_starter}
+            "detection": detection_starter, "text_to_audio": text_to_audio_starter,
+            "segmentation": segmentation_starter}
 
 
 def starter_config(family_name: str, lora: bool = False, mixtoken: bool = False) -> str:
