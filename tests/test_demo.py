@@ -22,3 +22,22 @@ def test_video_demo_needs_the_frames(tmp_path):
     report = run_video_demo("qwen2_vl", str(tmp_path / "demo"))
     assert report["accuracy_after"] >= 0.9
     assert report["first_frame_accuracy_after"] <= 0.45  # one frame carries no direction: near chance (0.25)
+
+
+@pytest.mark.parametrize("task", ["contrastive", "classification", "dpo", "grpo", "segmentation", "detection",
+                                  "text_to_audio"])
+def test_demo_task_reaches_its_own_demo(task, monkeypatch, capsys):
+    # the CLI's table sends each --task to its demo with the right arguments (the demos themselves are slow tests)
+    import importlib
+
+    from mixtune.cli import TASK_DEMOS, main
+
+    demo = TASK_DEMOS[task]
+    calls = []
+    monkeypatch.setattr(importlib.import_module(f"mixtune.tools.{demo.module}"), demo.function,
+                        lambda *args: calls.append(args) or {"ran": demo.function})
+    assert main(["demo", "--task", task, "--learning_rate", "0.5"]) == 0
+    expected_dir = demo.own_dir or "runs/demo"
+    assert calls == [((task,) if demo.takes_task else ()) + (expected_dir, {"learning_rate": 0.5})]
+    assert main(["demo", "--task", task, "--output_dir", "elsewhere"]) == 0
+    assert calls[-1][-2] == "elsewhere"

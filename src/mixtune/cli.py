@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from typing import NamedTuple
 
 from mixtune.errors import MixtuneError
 
@@ -81,37 +83,36 @@ def cmd_make_demo_data(args, extra) -> int:
     return 0
 
 
+class TaskDemo(NamedTuple):
+    """`mixtune demo --task T`: a function in mixtune/tools/<module>.py taking (output_dir, overrides), or
+    (task, output_dir, overrides) when one function serves several tasks; own_dir replaces the chat demo's
+    default output folder (None: keep it)."""
+    module: str
+    function: str
+    own_dir: str | None = None
+    takes_task: bool = False
+
+
+TASK_DEMOS = {
+    "contrastive": TaskDemo("task_demo", "run_task_demo", takes_task=True),  # a tiny CLIP on the shapes
+    "classification": TaskDemo("task_demo", "run_task_demo", takes_task=True),  # a tiny EVA02 (timm)
+    "dpo": TaskDemo("pref_demo", "run_pref_demo", takes_task=True),  # after the chat demo's SFT, in its folder
+    "grpo": TaskDemo("pref_demo", "run_pref_demo", takes_task=True),
+    "segmentation": TaskDemo("seg_demo", "run_segmentation_demo", "runs/demo_segmentation"),  # tiny SAM
+    "detection": TaskDemo("detection_demo", "run_detection_demo", "runs/demo_detection"),  # tiny Grounding DINO
+    "text_to_audio": TaskDemo("audio_demo", "run_audio_demo", "runs/demo_audio"),  # tiny AudioLDM2, tone pitch
+}
+
+
 def cmd_demo(args, extra) -> int:
     from mixtune.config import parse_overrides
     from mixtune.tools.demo import run_demo
 
-    if args.task == "detection":  # a tiny Grounding DINO on drawn shapes (tools/detection_demo.py)
-        from mixtune.tools.detection_demo import run_detection_demo
-
-        out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_detection"
-        print(json.dumps(run_detection_demo(out, parse_overrides(extra)), indent=1))
-        return 0
-    if args.task == "text_to_audio":  # a tiny AudioLDM2 learns pitch from captions (tools/audio_demo.py)
-        from mixtune.tools.audio_demo import run_audio_demo
-
-        print(json.dumps(run_audio_demo(args.output_dir if args.output_dir != "runs/demo" else "runs/demo_audio",
-                                        parse_overrides(extra)), indent=1))
-        return 0
-    if args.task in ("dpo", "grpo"):  # after the chat demo's SFT (tools/pref_demo.py)
-        from mixtune.tools.pref_demo import run_pref_demo
-
-        print(json.dumps(run_pref_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
-        return 0
-    if args.task == "segmentation":  # a tiny SAM on drawn shapes, box prompts (tools/seg_demo.py)
-        from mixtune.tools.seg_demo import run_segmentation_demo
-
-        out = args.output_dir if args.output_dir != "runs/demo" else "runs/demo_segmentation"
-        print(json.dumps(run_segmentation_demo(out, parse_overrides(extra)), indent=1))
-        return 0
-    if args.task != "chat":  # a tiny CLIP or EVA02 on the shapes (tools/task_demo.py)
-        from mixtune.tools.task_demo import run_task_demo
-
-        print(json.dumps(run_task_demo(args.task, args.output_dir, parse_overrides(extra)), indent=1))
+    if args.task != "chat":
+        demo = TASK_DEMOS[args.task]
+        run = getattr(importlib.import_module(f"mixtune.tools.{demo.module}"), demo.function)
+        out = demo.own_dir if demo.own_dir and args.output_dir == "runs/demo" else args.output_dir
+        print(json.dumps(run(*[args.task] * demo.takes_task, out, parse_overrides(extra)), indent=1))
         return 0
     if args.video:
         from mixtune.tools.video_demo import run_video_demo
@@ -305,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixtoken", action="store_true", help="train with MixToken packing")
     p.add_argument("--video", action="store_true", help="the video task: which way a square moves (video families)")
     p.add_argument("--task", default="chat",
-                   choices=["chat", "contrastive", "classification", "dpo", "grpo", "segmentation", "detection",
-                            "text_to_audio"],
+                   choices=["chat", *TASK_DEMOS],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
                         "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO, COCO AP50; "
