@@ -61,6 +61,11 @@ def lora_lines(family, learning_rate: str) -> list[str]:
     ]
 
 
+# what every starter writes after its own settings
+LOG_SAVE = ("logging_steps: 10", "save_strategy: epoch", "save_total_limit: 2")
+PRECISION_LOG_SAVE = ("bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly", *LOG_SAVE)
+
+
 def chat_starter(family, lora: bool, mixtoken: bool) -> list[str]:
     lines = ["dataset:", "  train:", "    - name: chatml_dataset",
              f"      data_files: {FILL_IN}    # a JSON list or JSONL file (a path, a glob or a list), one sample per "
@@ -79,9 +84,7 @@ def chat_starter(family, lora: bool, mixtoken: bool) -> list[str]:
               "bf16: true    # false on GPUs without bf16 (V100, T4: use fp16: true); on a CPU bf16 runs but slowly",
               "max_length: 2048    # longest sample in tokens, image tokens included; longer ones are dropped and "
               "reported",
-              "logging_steps: 10",
-              "save_strategy: epoch",
-              "save_total_limit: 2",
+              *LOG_SAVE,
               "# eval_strategy: epoch",
               "# activation_checkpointing: true    # less memory, about a third more time (PaddleMIX: recompute)",
               ""]
@@ -105,10 +108,7 @@ def contrastive_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "lr_scheduler_type: cosine",
              "warmup_steps: 0.1    # below 1: a ratio of all steps",
              "weight_decay: 0.1",
-             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
-             "logging_steps: 10",
-             "save_strategy: epoch",
-             "save_total_limit: 2",
+             *PRECISION_LOG_SAVE,
              "# eval_strategy: epoch",
              ""]
     lines += lora_lines(family, "1.0e-04") if lora else ["learning_rate: 1.0e-05", *parts_lines(family, ())]
@@ -131,10 +131,7 @@ def classification_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "# mixup_alpha: 0.8    # timm's mixup (soft targets)",
              "# cutmix_alpha: 1.0",
              "# augment: true    # timm's training transform: random resized crop, flip, colour jitter",
-             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
-             "logging_steps: 10",
-             "save_strategy: epoch",
-             "save_total_limit: 2",
+             *PRECISION_LOG_SAVE,
              "# eval_strategy: epoch",
              ""]
     lines += lora_lines(family, "1.0e-04") if lora else ["learning_rate: 5.0e-05", *parts_lines(family, ())]
@@ -154,10 +151,7 @@ def detection_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "learning_rate: 1.0e-04",
              "weight_decay: 1.0e-04",
              "max_grad_norm: 0.1",
-             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
-             "logging_steps: 10",
-             "save_strategy: epoch",
-             "save_total_limit: 2",
+             *PRECISION_LOG_SAVE,
              ""]
     return lines + parts_lines(family, ("text_encoder",))  # BERT kept as released
 
@@ -176,10 +170,7 @@ def text_to_audio_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "lr_scheduler_type: cosine",
              "warmup_steps: 0.1    # below 1: a ratio of all steps",
              "weight_decay: 0.01",
-             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
-             "logging_steps: 10",
-             "save_strategy: epoch",
-             "save_total_limit: 2",
+             *PRECISION_LOG_SAVE,
              "",
              "# the UNet trains; the text encoders, VAE and vocoder stay frozen unless freeze_include says otherwise",
              "# (then it alone says what is frozen; a freeze_<part> key can only freeze a part, never train one)"]
@@ -202,10 +193,7 @@ def segmentation_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "lr_scheduler_type: cosine",
              "warmup_steps: 0.05    # below 1: a ratio of all steps",
              "weight_decay: 0.0",
-             "bf16: true    # false on GPUs without bf16; on a CPU bf16 runs but slowly",
-             "logging_steps: 10",
-             "save_strategy: epoch",
-             "save_total_limit: 2",
+             *PRECISION_LOG_SAVE,
              "# eval_strategy: epoch",
              ""]
     if lora:  # the mask decoder trains fully beside the encoder's adapters (tasks/segmentation.py's default)
