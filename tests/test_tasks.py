@@ -413,3 +413,16 @@ def test_tiny_coca_decoder_projection_is_initialised(tmp_path):
     assert projection.std().item() == pytest.approx(width ** -0.5, rel=0.1)  # open_clip's own init
     again = load_file(os.path.join(tiny_builder(TINY_COCA)(str(tmp_path / "b")), WEIGHTS_NAME))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+@pytest.mark.parametrize("key,value", [("chat_template", "t.jinja"), ("min_pixels", 64), ("max_pixels", 4096)])
+def test_chat_only_entry_keys_are_refused_by_other_tasks(key, value, tiny_model_dir, shapes, tmp_path):
+    # contrastive (like every non-chat task) renders and sizes nothing itself: the key would be ignored
+    from mixtune.train.run import build_trainer
+
+    if key == "chat_template":  # an existing template file: the entry's own checks pass, the task refuses it
+        (tmp_path / value).write_text("{{ messages }}")
+        value = str(tmp_path / value)
+    entry = {**pairs_entry()[0], key: value}
+    with pytest.raises(ConfigError, match=rf"dataset\.train\[0\]\.{key}.*chat task only"):
+        build_trainer(config(tmp_path, tiny_model_dir("clip"), shapes, [entry]))

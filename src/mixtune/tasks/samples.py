@@ -39,6 +39,18 @@ def reader_task(name: str) -> str:
     return getattr(get_reader(name), "task", "chat")
 
 
+# entry keys only chat SFT's encoding reads (tasks/chat.py): the other tasks render with the checkpoint's own
+# template and size images with its processor, so a value here would be silently ignored
+CHAT_ONLY_ENTRY_KEYS = ("chat_template", "min_pixels", "max_pixels")
+
+
+def refuse_chat_only_keys(entry, where: str, task: str) -> None:
+    for key in CHAT_ONLY_ENTRY_KEYS:
+        if getattr(entry, key) is not None:
+            raise ConfigError(f"is read by the chat task only; the {task} task would ignore it (remove it)",
+                              key=f"{where}.{key}")
+
+
 def build_sample_split(config, split: str, read: Callable, prepare: Callable, task: str,
                        raw: list | None = None, reads: str | None = None) -> MixDataset | None:
     """`read(entry, bad) -> samples` for each entry of `dataset.<split>` (or of `raw`), mixed; `reads`: the
@@ -53,6 +65,7 @@ def build_sample_split(config, split: str, read: Callable, prepare: Callable, ta
         wanted = reads or ("classification" if task == "classification" else "chat")
         if reader_task(entry.name) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
             raise ConfigError(f"'{entry.name}' data does not fit the {task} task", key=f"dataset.{split}[{i}].name")
+        refuse_chat_only_keys(entry, f"dataset.{split}[{i}]", task)
         bad = BadSamples(entry.on_bad_sample, entry=entry.label(), strict_fields=entry.strict_fields)
         samples = read(entry, bad)
         if entry.max_samples is not None:
