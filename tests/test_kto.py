@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixtune.config import build_config
-from mixtune.errors import ConfigError, DataError
+from mixtune.errors import ConfigError
 
 pytest.importorskip("trl")
 
@@ -143,19 +143,14 @@ def test_unpaired_shapes_and_split_pairs_read_alike(tmp_path):
      "2 '<image>' placeholder"),
 ])
 def test_bad_records_name_file_index_and_field_or_are_counted(tmp_path, record, field, reason):
-    from mixtune.data.badsamples import BadSamples
+    from badrecords import assert_named_or_counted
     from mixtune.data.dataset import DatasetEntry
     from mixtune.data.formats.unpaired import read_unpaired
 
     (tmp_path / "x.png").write_bytes(b"")
     good = {"prompt": "Q", "completion": "a", "label": False}
     entry = DatasetEntry(name="kto", data_files=write_records(tmp_path / "u.jsonl", [good, record, good]))
-    with pytest.raises(DataError) as e:
-        read_unpaired(entry, BadSamples())
-    assert (e.value.index, e.value.line, e.value.field) == (1, 2, field) and reason in e.value.reason
-    bad = BadSamples("skip")
-    assert len(read_unpaired(entry, bad)) == 2
-    assert [(r["index"], r["field"]) for r in bad.records] == [(1, field)]
+    assert_named_or_counted(read_unpaired, entry, field, reason)
 
 
 def test_kto_config_refusals(tiny_model_dir, colour_replies, tmp_path):

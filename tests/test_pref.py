@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixtune.config import build_config
-from mixtune.errors import ConfigError, DataError
+from mixtune.errors import ConfigError
 
 pytest.importorskip("trl")
 
@@ -102,7 +102,7 @@ def test_preference_shapes_read_alike(tmp_path):
       "images": ["x.png"]}, "image", "2 '<image>' placeholder"),
 ])
 def test_bad_pairs_name_file_index_and_field_or_are_counted(tmp_path, record, field, reason):
-    from mixtune.data.badsamples import BadSamples
+    from badrecords import assert_named_or_counted
     from mixtune.data.dataset import DatasetEntry
     from mixtune.data.formats.preference import read_preference
 
@@ -110,12 +110,7 @@ def test_bad_pairs_name_file_index_and_field_or_are_counted(tmp_path, record, fi
     good = {"messages": [{"role": "user", "content": "Q"}], "chosen": "yes", "rejected": "no"}
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in (good, record, good)))
     entry = DatasetEntry(name="preference", data_files=str(tmp_path / "p.jsonl"))
-    with pytest.raises(DataError) as e:
-        read_preference(entry, BadSamples())
-    assert (e.value.index, e.value.line, e.value.field) == (1, 2, field) and reason in e.value.reason
-    bad = BadSamples("skip")
-    assert len(read_preference(entry, bad)) == 2
-    assert [(r["index"], r["field"]) for r in bad.records] == [(1, field)]
+    assert_named_or_counted(read_preference, entry, field, reason)
 
 
 def test_config_refuses_what_trl_cannot_do_for_vlms(tiny_model_dir, colour_pairs, tmp_path):
