@@ -44,13 +44,19 @@ def predict_detection(model_dir: str, entries, output_dir: str, draw: bool = Fal
                       threshold: float = 0.3, lora_path: str | None = None) -> dict:
     from mixtune.data.dataset import DatasetEntry
     from mixtune.infer.coco_eval import box_map, coco_ground_truth
+    from mixtune.models.registry import family_for_checkpoint
     from mixtune.tasks.detection import DetectionCollator, coco_records, detect
 
     if isinstance(entries, dict):  # one raw entry (the demo's)
         entries = [DatasetEntry.from_config(entries, os.getcwd(), "--dataset")]
-    model, processor = load_detector(model_dir, lora_path)
-    collator = DetectionCollator(processor)
     items = read_entries(entries)
+    if family_for_checkpoint(model_dir).name == "yolo_world":  # ultralytics' model (tasks/yolo_world.py)
+        from mixtune.tasks.yolo_world import world_detector
+
+        model, collator, detect = world_detector(model_dir, items, lora_path)
+    else:
+        model, processor = load_detector(model_dir, lora_path)
+        collator = DetectionCollator(processor)
     detections = []
     for start in range(0, len(items), batch_size):
         detections += detect(model, collator, items[start: start + batch_size])

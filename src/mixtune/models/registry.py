@@ -15,7 +15,7 @@ FAMILY_MODULES = [
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
-    "grounding_dino",  # detection
+    "grounding_dino", "yolo_world",  # detection
     "audioldm2",  # text_to_audio (a diffusers pipeline folder)
 ]
 
