@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["chat", *TASK_DEMOS],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
-                        "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO (--family yolo_world: "
-                        "tiny YOLO-World), COCO AP50; "
+                        "segmentation: tiny SAM, box prompts, mIoU; "
+                        "detection: tiny Grounding DINO (--family yolo_world: tiny YOLO-World), COCO AP50; "
                         "text_to_audio: tiny AudioLDM2, pitch of tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
