@@ -187,11 +187,11 @@ def test_results_keep_the_coco_files_own_ids(tmp_path, shapes):
 def detection_config(tmp_path, gd_dir, shapes, **overrides):
     from mixtune.config import load_config
 
+    keys = dict(per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3, max_steps=12,
+                logging_steps=1, save_strategy="no", max_grad_norm=0.1)
     path = write_config(tmp_path, gd_dir, shapes[0], dataset={
         "train": [{"name": "coco_detection", "data_files": shapes[0]}],
-        "eval": [{"name": "coco_detection", "data_files": shapes[1]}]},
-        per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3, max_steps=12,
-        logging_steps=1, save_strategy="no", max_grad_norm=0.1, **overrides)
+        "eval": [{"name": "coco_detection", "data_files": shapes[1]}]}, **{**keys, **overrides})
     return load_config(path)
 
 
@@ -215,6 +215,42 @@ def test_loss_falls_and_the_saved_model_reloads_equal(tmp_path, gd_dir, shapes):
     with torch.no_grad():
         a, b = model(**batch), reloaded(**batch)
     assert torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(a.logits, b.logits)
+
+
+def test_lora_trains_adapters_only_and_merging_equals_the_adapter(tmp_path, gd_dir, shapes):
+    """peft wraps Grounding DINO once the model exposes its text embeddings: the default targets are the
+    encoder / decoder linears, only adapters train (loss falls, base weights untouched), the saved adapter
+    reloads onto the base with equal outputs, and merging it changes nothing either."""
+    from transformers import GroundingDinoForObjectDetection
+
+    from mixtune.models.loading import load_model_and_processor
+    from mixtune.train.run import build_trainer
+
+    trainer = build_trainer(detection_config(tmp_path, gd_dir, shapes, lora=True, lora_rank=8, lora_alpha=16,
+                                             learning_rate=3e-3))
+    model = trainer.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".encoder.layers.0." in n for n in trainable) and any(".decoder.layers.1." in n for n in trainable)
+    assert not any("backbone" in n or "text_backbone" in n for n in trainable)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    out = str(tmp_path / "adapter")
+    trainer.save_final(out)
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    batch = trainer.data_collator.inputs([trainer.eval_dataset[i] for i in range(3)], with_labels=False)
+    _, reloaded, _ = load_model_and_processor(gd_dir, lora_path=out)
+    _, merged, _ = load_model_and_processor(gd_dir, lora_path=out, merge_lora=True)
+    plain = GroundingDinoForObjectDetection.from_pretrained(gd_dir).eval()
+    with torch.no_grad():
+        a, b, c, d = (m.eval()(**batch) for m in (model, reloaded, merged, plain))
+    assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-6)
+    assert torch.allclose(a.logits, c.logits, atol=1e-4) and torch.allclose(a.pred_boxes, c.pred_boxes, atol=1e-5)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (a.pred_boxes - d.pred_boxes).abs().max() > 1e-3  # the adapters did change the model
 
 
 def test_freeze_text_encoder_freezes_bert_only(tmp_path, gd_dir, shapes):

@@ -34,9 +34,7 @@ def load(mix, family, **_):
         return load_yolo_world(mix, family)
 
     if mix.lora and not family.supports_lora:
-        raise ConfigError(f"LoRA on {family.name} is not supported yet (peft needs the model's input embeddings, "
-                          "which transformers' GroundingDinoModel does not expose); train fully, or freeze parts "
-                          "(freeze_backbone, freeze_text_encoder)", key="lora")
+        raise ConfigError(f"LoRA on {family.name} is not supported; train fully, or freeze parts", key="lora")
     _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     return model, processor
 
