@@ -156,3 +156,13 @@ def test_lora_is_refused(tmp_path, yw_dir, shapes):
 
     with pytest.raises(ConfigError, match="LoRA on yolo_world is not supported"):
         build_trainer(world_config(tmp_path, yw_dir, shapes, lora=True))
+
+
+@pytest.mark.slow
+def test_yolo_world_demo_reaches_ap50(tmp_path):
+    pytest.importorskip("ultralytics")
+    from mixtune.tools.detection_demo import run_detection_demo
+
+    report = run_detection_demo(str(tmp_path / "demo"), family="yolo_world")
+    assert report["family"] == "yolo_world" and report["before"] < 0.05 and report["after"] >= 0.5
+    assert os.path.isfile(report["drawn_prediction"])

@@ -115,4 +115,5 @@ def support_table() -> str:
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
         "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
         "contrastive and classification families by tests/test_tasks.py; sam by tests/test_segmentation.py; " \
-        "grounding_dino by tests/test_detection.py; audioldm2 by tests/test_text_to_audio.py)"
+        "grounding_dino by tests/test_detection.py; yolo_world by tests/test_yolo_world.py; " \
+        "audioldm2 by tests/test_text_to_audio.py)"
