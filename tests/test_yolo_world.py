@@ -166,3 +166,38 @@ def test_yolo_world_demo_reaches_ap50(tmp_path):
     report = run_detection_demo(str(tmp_path / "demo"), family="yolo_world")
     assert report["family"] == "yolo_world" and report["before"] < 0.05 and report["after"] >= 0.5
     assert os.path.isfile(report["drawn_prediction"])
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path, yw_dir, shapes):
+    """A run resumed from its step-3 checkpoint (ultralytics' model.pt read back) logs the losses of steps 4-6
+    that the uninterrupted run logged."""
+    from mixtune.train.run import train
+
+    def losses(out):
+        history = json.load(open(os.path.join(out, "metrics.json")))["log_history"]
+        return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = world_config(tmp_path / "a", yw_dir, shapes, max_steps=6, save_strategy="steps", save_steps=3,
+                         per_device_train_batch_size=4, dataloader_num_workers=0)
+    train(first)
+    out = first.training.output_dir
+    assert os.path.isfile(os.path.join(out, "checkpoint-3", "model.pt"))
+    second = world_config(tmp_path / "b", yw_dir, shapes, max_steps=6, per_device_train_batch_size=4,
+                          dataloader_num_workers=0, resume_from_checkpoint=os.path.join(out, "checkpoint-3"))
+    train(second)
+    a, b = losses(out), losses(second.training.output_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]  # the resumed run keeps the checkpoint's history
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in (4, 5, 6)), (a, b)
+
+
+def test_a_phrase_without_embedding_and_no_text_encoder_is_one_clear_error(tmp_path, yw_dir):
+    from mixtune.errors import MixtuneError
+    from mixtune.models.yolo_world import load_world, phrase_embeddings
+
+    model, _ = load_world(yw_dir)
+    assert set(phrase_embeddings(model, ["circle", "square"])) == {"circle", "square"}  # carried by the weights
+    model.mixtune_folder["text_encoder"] = None
+    with pytest.raises(MixtuneError, match="'red circle'.*names no 'text_encoder'"):
+        phrase_embeddings(model, ["circle", "red circle"])
