@@ -21,6 +21,7 @@ from mixtune.models.family import Family
 from mixtune.models.tiny import INIT_STD, save_checkpoint, seeded
 from mixtune.native.visualglm import ChatGLMConfig, ChatGLMForConditionalGenerationWithImage
 from mixtune.native.visualglm.modeling_chatglm import glm_positions
+from mixtune.native.visualglm.paddlemix_names import paddlemix_names
 from mixtune.native.visualglm.processing_visualglm import VisualGLMProcessor, blip_image_processor
 from mixtune.native.visualglm.tokenization_chatglm import ChatGLMTokenizer, train_tiny_sentencepiece
 
@@ -136,4 +137,5 @@ FAMILY = Family(
     pack_positions=pack_positions,
     auto_class="AutoModelForCausalLM",
     default_chat_template=CHAT_TEMPLATE,  # published VisualGLM-6B folders ship none (their remote code builds prompts)
+    paddle_names=paddlemix_names,
 )
