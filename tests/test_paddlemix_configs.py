@@ -5,7 +5,8 @@ carries the fix to paste; after pasting it, it trains.
 The harness changes paths (model_name_or_path, data_files, output_dir) and adds `max_steps: 2` so that every
 config stops after 2 optimizer steps. VisualGLM's run unchanged on mixtune's native VisualGLM-6B port
 (mixtune.native.visualglm), and on BLIP-2's tiny ViT + Q-Former + OPT after pasting fixes. InternLM-XComposer2 has
-no transformers family: it runs on LLaVA's CLIP ViT + projector + LLM. Qwen-VL's run on mixtune's native Qwen-VL port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
+no transformers family: it runs on LLaVA's CLIP ViT + projector + LLM. Qwen-VL's run on mixtune's native Qwen-VL
+port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
 after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
 transformers-native InternVL.
 """

@@ -34,10 +34,11 @@ CHAT_TEMPLATE = (
     "{% else %}{% set parts = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}"
     "{% for part in parts %}{% if part['type'] == 'image' %}" + IMAGE_MARKUP + "{% endif %}{% endfor %}问："
-    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n答："
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\\n' }}答："
     "{% elif message['role'] == 'assistant' %}"
-    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n"
-    "{% else %}{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+    "{% else %}{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '\\n' }}"
     "{% endif %}{% endfor %}"
 )
 # ChatGLM-6B's own attention and MLP projections (the ViT and Q-Former, also SwissArmyTransformer-named, excluded)

@@ -73,7 +73,8 @@ def published(name):
                  (".crossattention.attention.query.", ".cross_attention.query."),
                  (".crossattention.output.dense.", ".cross_attention.dense."),
                  (".crossattention.output.LayerNorm.", ".post_cross_attention_layernorm."),
-                 (".intermediate_query.dense.", ".mlp.dense_h_to_4h."), (".output_query.dense.", ".mlp.dense_4h_to_h.")):
+                 (".intermediate_query.dense.", ".mlp.dense_h_to_4h."),
+                 (".output_query.dense.", ".mlp.dense_4h_to_h.")):
         r = r.replace(a, b)
     fuse = ""
     for part, (a, b, n) in enumerate(((".attention.attention.query.", ".attention.query_key_value.", 3),

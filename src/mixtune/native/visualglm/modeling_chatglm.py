@@ -392,7 +392,8 @@ class ChatGLMForConditionalGenerationWithImage(ChatGLMPreTrainedModel, Generatio
                 hidden = hidden + self.image_encoder(blank).mean() * 0
             return hidden
         if pixel_values is None:
-            raise ValueError("the input has image placeholders but no pixel_values: pass the images through the processor")
+            raise ValueError("the input has image placeholders but no pixel_values: pass the images through the "
+                             "processor")
         if count % n or count // n != len(pixel_values):
             raise ValueError(f"{count} image placeholder tokens for {len(pixel_values)} images; each image takes "
                              f"exactly {n}")

@@ -88,7 +88,8 @@ class VisualGLMProcessor(ProcessorMixin):
             fill = width - len(row)
             rows.append([pad_id] * fill + row if left else row + [pad_id] * fill)
             masks.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
-        return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+        return {"input_ids": torch.tensor(rows, dtype=torch.long),
+                "attention_mask": torch.tensor(masks, dtype=torch.long)}
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
