@@ -291,3 +291,14 @@ def test_saved_checkpoint_keeps_the_published_key_names(model, tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         saved = set(f.keys())
     assert saved == golden_keys()  # lm_head is tied to the word embeddings: saved once, under the embeddings' name
+
+
+def test_later_chatglm_folders_are_refused_clearly(tmp_path):
+    """ChatGLM2 / ChatGLM3 / GLM-4 folders also say model_type "chatglm": one clear error, not a half-loaded model."""
+    from mixtune.errors import MixtuneError
+    from mixtune.models.loading import load_model_and_processor
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "num_layers": 28,
+                                                      "padded_vocab_size": 65024, "multi_query_attention": True}))
+    with pytest.raises(MixtuneError, match="is ChatGLM2 / ChatGLM3 / GLM-4, which mixtune does not support"):
+        load_model_and_processor(str(tmp_path))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from mixtune.errors import MixtuneError
+
 DEFAULT_EVA = {"num_layers": 39, "hidden_size": 1408, "num_attention_heads": 16, "vocab_size": 1,
                "layernorm_order": "pre", "max_sequence_length": 257, "inner_hidden_size": 6144,
                "use_final_layernorm": False, "layernorm_epsilon": 1e-6, "image_size": [224, 224], "pre_len": 1,
@@ -52,6 +54,10 @@ class ChatGLMConfig(PreTrainedConfig):
     image_length: int = 32
 
     def __post_init__(self, **kwargs):
+        later = sorted(set(kwargs) & {"multi_query_attention", "padded_vocab_size", "apply_query_key_layer_scaling"})
+        if later:  # ChatGLM2 / ChatGLM3 / GLM-4 folders say "chatglm" too, but are another architecture
+            raise MixtuneError(f"this config.json (with {', '.join(later)}) is ChatGLM2 / ChatGLM3 / GLM-4, which "
+                             "mixtune does not support; its 'chatglm' port is VisualGLM-6B (ChatGLM-6B + BLIP-2)")
         self.eva_config = {**DEFAULT_EVA, **(self.eva_config or {})}
         self.qformer_config = {**DEFAULT_QFORMER, **(self.qformer_config or {})}
         super().__post_init__(**kwargs)
