@@ -32,9 +32,11 @@ FAMILIES = [f.name for f in families()]
 END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
-               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
+               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "cogvlm": "</s>", "cogagent": "</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}}
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"},
+              **{name: {"language_expert_query_key_value", "vision_expert_query_key_value", "gate_proj"}
+                 for name in ("cogvlm", "cogagent")}}
 
 
 def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):
