@@ -119,3 +119,118 @@ def test_cogvlm_position_rule():
     assert padded[1].tolist() == [0, 1, 2, 3, 4, 5, 5, 5]  # padding does not advance
     # an image's last position (eoi) takes the language expert, as published
     assert expert_mask(types)[0].tolist() == [False, True, True, True, True, False, False, False]
+
+
+def test_text_tokens_never_read_the_vision_expert(golden_model):
+    """A text-only input gives the same logits whatever the vision expert's weights: routing is by token type."""
+    kind, model = golden_model
+    batch, _ = inputs(kind)
+    ids = batch["input_ids"][:, :8]
+    experts = [p for n, p in model.named_parameters() if "vision_expert" in n or ".vision_mlp." in n]
+    saved = [p.detach().clone() for p in experts]
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+            for p in experts:
+                p.add_(torch.randn_like(p))
+            after = model(input_ids=ids).logits
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(experts, saved):
+                p.copy_(s)
+
+
+def image_conversation(reply="red"):
+    from mixtune.data.conversation import Conversation, Turn
+
+    return Conversation(turns=[Turn("user", "<image>What colour is it?"), Turn("assistant", reply)],
+                        file="mem.json", index=0, images=["mem"])
+
+
+def encoded(path):
+    from PIL import Image
+
+    from mixtune.data.encode import encode_with_processor, generation_inputs
+    from mixtune.data.templates import make_renderer
+    from mixtune.models.loading import load_model_and_processor
+
+    family, model, processor = load_model_and_processor(path)
+    render = make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
+    image = Image.new("RGB", (90, 60), (200, 20, 20))
+    return (family, model, processor, encode_with_processor(image_conversation(), [image], processor, render),
+            generation_inputs(image_conversation(), [image], processor, render))
+
+
+@pytest.mark.parametrize("name", ["cogvlm", "cogagent"])
+def test_processor_lays_out_a_sample_as_published(tiny_model_dir, name):
+    """BOS, the image's positions (token type 1: patches plus boi and eoi), then the prompt text; CogAgent also gets
+    the image at its high resolution."""
+    family, model, processor, enc, gen = encoded(tiny_model_dir(name))
+    types = enc.token_fields["token_type_ids"]
+    n = model.config.vision_tokens
+    assert enc.input_ids[0] == processor.tokenizer.bos_token_id and types[0] == 0
+    assert types[1:1 + n].tolist() == [1] * n and int(types.sum()) == n
+    prompt = processor.tokenizer.decode(enc.input_ids[1 + n:])
+    assert prompt == {"cogvlm": "Question: What colour is it? Answer: red</s>",
+                      "cogagent": "[INST] What colour is it? [/INST] red</s>"}[name]
+    size = model.config.vision_config["image_size"]
+    assert tuple(enc.media["pixel_values"].shape) == (1, 3, size, size)
+    if name == "cogagent":
+        cross = model.config.cross_image_size
+        assert tuple(enc.media["cross_pixel_values"].shape) == (1, 3, cross, cross) and cross != size
+    else:
+        assert "cross_pixel_values" not in enc.media
+    with pytest.raises(ValueError, match="1 <image> markups but 0 images"):
+        processor(text=["<image>hi"], images=[])
+
+
+@pytest.mark.parametrize("name", ["cogvlm", "cogagent"])
+def test_cached_generation_matches_a_full_forward(tiny_model_dir, name):
+    """Greedy generation with the cache (positions rebuilt from the token types at each step, CogAgent's
+    cross-attention keys and values kept from the prompt) picks the tokens a full forward over the result picks."""
+    _, model, _, _, gen = encoded(tiny_model_dir(name))
+    model.eval()
+    out = model.generate(**gen, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    prompt = gen["input_ids"].shape[1]
+    types = torch.cat([gen["token_type_ids"], torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    full = {k: v for k, v in gen.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        logits = model(input_ids=out, token_type_ids=types, use_cache=False, **full).logits
+    assert logits[0, prompt - 1:-1].argmax(-1).tolist() == out[0, prompt:].tolist()
+
+
+def test_freezing_the_vision_expert_with_paddlemix_globs(tiny_model_dir):
+    """`freeze_include: ["*vision_expert*", "*.vision_mlp.*"]` keeps every layer's visual expert as it was while
+    training moves the language expert."""
+    from mixtune.train.freeze import apply_freeze
+
+    _, model, _, enc, _ = encoded(tiny_model_dir("cogvlm"))
+    apply_freeze(model, ["*vision_expert*", "*.vision_mlp.*"], None)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if "vision_expert" in n or ".vision_mlp." in n}
+    assert len(frozen) == 2 * 5  # per layer: the expert's qkv, dense, and its MLP's three projections
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    batch = {"input_ids": enc.input_ids[None], "labels": enc.labels[None],
+             "token_type_ids": enc.token_fields["token_type_ids"][None], **enc.media}
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert not torch.equal(after["model.layers.0.mlp.language_mlp.up_proj.weight"],
+                           before["model.layers.0.mlp.language_mlp.up_proj.weight"])
+
+
+def test_cogagent_refuses_mixtoken_and_says_why(tiny_model_dir, tmp_path):
+    from conftest import red_image, write_config, write_json
+    from mixtune.config import load_config
+    from mixtune.errors import ConfigError
+
+    data = write_json(tmp_path / "train.json", [{"image": red_image(tmp_path / "red.png"),
+                                                 "conversations": [["<image>Colour?", "red"]]}])
+    with pytest.raises(ConfigError, match="one high-resolution image per row"):
+        load_config(write_config(tmp_path, tiny_model_dir("cogagent"), data, mixtoken=True))

@@ -34,6 +34,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
 
 from mixtune.native.cogvlm.configuration_cogvlm import CogAgentConfig, CogVLMConfig
@@ -50,13 +51,17 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
-def run_attention(config, q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.0):
-    """The eager formula, or torch's SDPA (same mask) when the model runs "sdpa" (or mixtune's packed SDPA: the
-    mask here already keeps packed samples apart)."""
-    if getattr(config, "_attn_implementation", "eager") == "eager":
+def run_attention(module, q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.0):
+    """(B, heads, L, D) attention by the model's implementation: the eager formula, or transformers' attention
+    interface (SDPA; mixtune's packed SDPA, which finds no packed layout without position ids and runs SDPA)
+    with the mask built here, which already keeps packed samples apart. Returns (B, heads, L, D)."""
+    implementation = getattr(module.config, "_attn_implementation", "eager") or "eager"
+    if implementation == "eager":
         out = full_attention(q, k, v, scale, mask)
         return F.dropout(out, p=dropout) if dropout else out
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
+    out, _ = attention(module, q, k, v, mask, dropout=dropout, scaling=scale, is_causal=False)
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------- EVA2-CLIP (model.vision)
@@ -434,7 +439,7 @@ class VisionExpertAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = run_attention(self.config, q, k, v, self.head_dim ** -0.5, mask)
+        out = run_attention(self, q, k, v, self.head_dim ** -0.5, mask)
         out = out.transpose(1, 2).reshape(batch, length, self.hidden_size)
         return routed(self.vision_expert_dense, self.language_expert_dense, out, vision_mask, self.hidden_size)
 
@@ -457,7 +462,7 @@ class CrossAttention(nn.Module):
         q = self.query(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = encoder_kv
         # the published cross-attention mask is all ones, added to the scores: a constant, which softmax ignores
-        out = run_attention(self.config, q, k, v, self.head_dim ** -0.5, None)
+        out = run_attention(self, q, k, v, self.head_dim ** -0.5, None)
         return self.dense(out.transpose(1, 2).reshape(batch, length, self.compute))
 
     def encoder_kv(self, encoder_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,6 +496,7 @@ class CogVLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["CogVLMDecoderLayer", "TransformerLayer", "Block"]
     _supports_sdpa = True
+    _supports_attention_backend = True
     # rotary tables that the published code keeps as buffers: computed here, nothing to load
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"rope\.freqs_(cos|sin)"]
 
@@ -647,9 +653,9 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             pad = input_ids.shape[-1] - token_type_ids.shape[-1]
             token_type_ids = torch.cat([token_type_ids, token_type_ids.new_zeros(input_ids.shape[0], pad)], dim=-1)
         kwargs["token_type_ids"] = token_type_ids
-        if kwargs.get("position_ids") is None:
-            mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            kwargs["position_ids"] = build_position_ids(token_type_ids, mask2d)
+        # always CogVLM's own rule (generate() may have filled in plain 0..L-1 positions)
+        mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        kwargs["position_ids"] = build_position_ids(token_type_ids, mask2d)
         inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask, **kwargs)
         if cache is not None and cache.get_seq_length() > 0:  # the images were read at the prompt
             inputs.pop("pixel_values", None)
