@@ -234,3 +234,54 @@ def test_cogagent_refuses_mixtoken_and_says_why(tiny_model_dir, tmp_path):
                                                  "conversations": [["<image>Colour?", "red"]]}])
     with pytest.raises(ConfigError, match="one high-resolution image per row"):
         load_config(write_config(tmp_path, tiny_model_dir("cogagent"), data, mixtoken=True))
+
+
+def published_layout(tiny: str, folder) -> str:
+    """The tiny checkpoint laid out as CogVLM / CogAgent is published: config with auto_map to remote code that is
+    not there, weights, and the (Vicuna) tokenizer files the user puts beside them; no processor files, no chat
+    template."""
+    import shutil
+
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(tiny, name), folder / name)
+    with open(os.path.join(tiny, "config.json")) as f:
+        config = json.load(f)
+    agent = config["model_type"] == "cogagent"
+    config["auto_map"] = {"AutoConfig": f"configuration_{config['model_type']}.{'CogAgentConfig' if agent else 'CogVLMConfig'}",
+                          "AutoModelForCausalLM": f"modeling_{config['model_type']}.{config['architectures'][0]}"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", ["cogvlm", "cogagent"])
+def test_published_folder_loads_without_remote_code(tiny_model_dir, tmp_path, name):
+    from PIL import Image
+
+    from mixtune.data.encode import encode_with_processor
+    from mixtune.data.templates import make_renderer
+    from mixtune.models.loading import load_model_and_processor
+
+    tiny = tiny_model_dir(name)
+    family, model, processor = load_model_and_processor(published_layout(tiny, tmp_path))
+    _, reference, tiny_processor = load_model_and_processor(tiny)
+    assert family.name == name and processor.vision_tokens == tiny_processor.vision_tokens
+    assert processor.cross_image_size == tiny_processor.cross_image_size
+    image = Image.new("RGB", (90, 60), (200, 20, 20))
+    render = make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
+    enc = encode_with_processor(image_conversation(), [image], processor, render)
+    same = encode_with_processor(image_conversation(), [image], tiny_processor,
+                                 make_renderer(tiny_processor, None, family.image_placeholder))
+    assert torch.equal(enc.input_ids, same.input_ids) and torch.equal(enc.labels, same.labels)
+    batch = {"input_ids": enc.input_ids[None], "token_type_ids": enc.token_fields["token_type_ids"][None], **enc.media}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+
+
+def test_saved_checkpoint_keeps_the_published_key_names(golden_model, tmp_path):
+    from safetensors import safe_open
+
+    kind, model = golden_model
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == {n[2:] for n in golden(kind).files if n.startswith("w:")}
