@@ -247,7 +247,8 @@ def published_layout(tiny: str, folder) -> str:
     with open(os.path.join(tiny, "config.json")) as f:
         config = json.load(f)
     agent = config["model_type"] == "cogagent"
-    config["auto_map"] = {"AutoConfig": f"configuration_{config['model_type']}.{'CogAgentConfig' if agent else 'CogVLMConfig'}",
+    config_class = "CogAgentConfig" if agent else "CogVLMConfig"
+    config["auto_map"] = {"AutoConfig": f"configuration_{config['model_type']}.{config_class}",
                           "AutoModelForCausalLM": f"modeling_{config['model_type']}.{config['architectures'][0]}"}
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from mixtune.data.encode import Encoded
 from mixtune.models.family import Family
-from mixtune.models.tiny import INIT_STD, TEXT_SIZES, save_checkpoint, seeded
+from mixtune.models.tiny import TEXT_SIZES, save_checkpoint, seeded
 from mixtune.native.cogvlm import CogAgentConfig, CogAgentForCausalLM, CogVLMConfig, CogVLMForCausalLM, CogVLMProcessor
 from mixtune.native.cogvlm.modeling_cogvlm import build_position_ids
 from mixtune.native.cogvlm.processing_cogvlm import IMAGE_MARKUP, clip_image_processor

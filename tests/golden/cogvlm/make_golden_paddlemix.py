@@ -2,8 +2,9 @@
 (paddlemix/models/cogvlm: CogModelForCausalLM, which serves both model_types; PaddlePaddle, CPU).
 
 Builds PaddleMIX's model tiny, sets every parameter to random int8 values times a power of two (exact in fp32,
-and small to store), runs one fixed batch (CogVLM: two samples, one image each, at different places; CogAgent: one sample, see below), and saves the
-weights under the published key names (torch layout), the inputs, the logits and a label loss.
+and small to store), runs one fixed batch (CogVLM: two samples, one image each, at different places; CogAgent:
+one sample, see below), and saves the weights under the published key names (torch layout), the inputs, the
+logits and a label loss.
 
 Run from a folder holding PaddleMIX's source (paddlemix/models/cogvlm):
     /path/to/paddle_venv/bin/python make_golden_paddlemix.py cogvlm OUT_DIR

@@ -24,7 +24,6 @@ are told apart where positions return to 0, which under CogVLM's rule only a sam
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

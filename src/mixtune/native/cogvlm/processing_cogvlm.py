@@ -124,7 +124,8 @@ class CogVLMProcessor(ProcessorMixin):
                 out["offset_mapping"].append(place(offsets, (0, 0)))
         data = {k: torch.tensor(out[k], dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
         if want_offsets:
-            data["offset_mapping"] = torch.tensor(out["offset_mapping"], dtype=torch.long).reshape(len(encoded), width, 2)
+            offsets = torch.tensor(out["offset_mapping"], dtype=torch.long)
+            data["offset_mapping"] = offsets.reshape(len(encoded), width, 2)
         return data
 
     def batch_decode(self, *args, **kwargs):
