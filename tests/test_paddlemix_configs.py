@@ -7,8 +7,8 @@ config stops after 2 optimizer steps. VisualGLM's run unchanged on mixtune's nat
 (mixtune.native.visualglm), and on BLIP-2's tiny ViT + Q-Former + OPT after pasting fixes. InternLM-XComposer2 has
 no transformers family: it runs on LLaVA's CLIP ViT + projector + LLM. Qwen-VL's run on mixtune's native Qwen-VL
 port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
-after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
-transformers-native InternVL.
+after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on mixtune's
+native InternVL2 port (mixtune.native.internvl_chat) and on the transformers-native InternVL.
 """
 
 import json
@@ -123,7 +123,9 @@ SHIPPED = {
     "qwen_vl/lora_sft_argument.json@qwen2_vl": ("qwen2_vl", QWEN_VL_LORA, [
         {"lora_target_modules": [".*self_attn.(q_proj|k_proj|v_proj).*", ".*self_attn.o_proj.*", ".*mlp.up_proj.*",
                                  ".*mlp.gate_proj.*"]}]),
-    "internvl2/sft_argument.json": ("internvl", INTERNVL2_SFT, []),
+    # on mixtune's native InternVL2 port (the published layout); and on the transformers-native -hf InternVL
+    "internvl2/sft_argument.json": ("internvl_chat", INTERNVL2_SFT, []),
+    "internvl2/sft_argument.json@internvl": ("internvl", INTERNVL2_SFT, []),
     "internlm_xcomposer2/sft_argument.json": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
     "blip2/sft_argument.json": ("blip-2", BLIP2_SFT, []),
     "blip2/lora_sft_argument.json": ("blip-2", BLIP2_LORA, [
@@ -216,6 +218,7 @@ TRAINED_PARTS = {
     "visualglm/sft_argument.json": {"projector", "language"},  # ViT frozen; Q-Former, glm_proj and ChatGLM train
     "visualglm/sft_argument.json@blip-2": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},
+    "internvl2/sft_argument.json": {"vision", "projector", "language"},  # no freeze keys: everything trains
 }
 
 

@@ -35,7 +35,8 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>",
                "cogvlm": "</s>", "cogagent": "</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"},
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internvl_chat": {"wqkv", "wo", "w1"},
+              "visualglm": {"query_key_value", "dense_h_to_4h"},
               **{name: {"language_expert_query_key_value", "vision_expert_query_key_value", "gate_proj"}
                  for name in ("cogvlm", "cogagent")}}
 # Families that train one reply per sample (PaliGemma's prefix/suffix; VisualGLM's GLM prompt, which is attended
