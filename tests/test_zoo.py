@@ -32,9 +32,10 @@ FAMILIES = [f.name for f in families()]
 END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
-               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
+               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>",
+               "internlm_xcomposer2": "[UNUSED_TOKEN_145]"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}}
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internlm_xcomposer2": {"wqkv", "w1"}}
 
 
 def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):
