@@ -4,6 +4,11 @@ The published tokenizer is InternLM2's under another class name (`InternLMXCompo
 tokenizer_config.json names). Its prompts mark an image with the text `<ImageHere>`, which its remote code
 splits on. Here `<ImageHere>` is also a special token, added after the published vocabulary, so the processor
 can write one such id per image vector and the model finds the image positions in `input_ids`.
+
+The chat marks `[UNUSED_TOKEN_146]` / `[UNUSED_TOKEN_145]` are pieces of tokenizer.model; like transformers does
+when it reads a folder with tokenizer.model alone (the published layout), they are added tokens, so the text
+between them is tokenised piece by piece ("\n" after a mark gets SentencePiece's dummy prefix), the same whether
+the tokenizer was built here or read back.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"  # the published c
 class InternLMXComposer2Tokenizer(InternLM2Tokenizer):
     def __init__(self, vocab_file: str | None = None, **kwargs):
         super().__init__(vocab_file=vocab_file, **kwargs)
-        if IMAGE_PLACEHOLDER not in self.get_vocab():
+        vocab, added = self.get_vocab(), set(self.added_tokens_encoder)
+        marks = [t for t in (IM_START, IM_END) if t in vocab and t not in added]
+        if marks:
+            self.add_tokens([AddedToken(t, special=False, normalized=False) for t in marks])
+        if IMAGE_PLACEHOLDER not in vocab:
             self.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
 
     @property
