@@ -3,8 +3,9 @@ model and data paths: each trains 2 steps on the matching tiny family, or fails 
 carries the fix to paste; after pasting it, it trains.
 
 The harness changes paths (model_name_or_path, data_files, output_dir) and adds `max_steps: 2` so that every
-config stops after 2 optimizer steps. VisualGLM and InternLM-XComposer2 have no transformers family: they run
-on the closest tiny one (VisualGLM: BLIP-2's ViT + Q-Former; XComposer2: LLaVA's CLIP ViT + projector + LLM).
+config stops after 2 optimizer steps. VisualGLM has no transformers family: it runs on the closest tiny one
+(BLIP-2's ViT + Q-Former). InternLM-XComposer2's runs on mixtune's native port (mixtune.native.internlm_xcomposer2)
+unchanged, and on LLaVA's CLIP ViT + projector + LLM after pasting the rename its message gives.
 Qwen-VL's run on mixtune's native Qwen-VL port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
 after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
 transformers-native InternVL.
@@ -123,7 +124,9 @@ SHIPPED = {
         {"lora_target_modules": [".*self_attn.(q_proj|k_proj|v_proj).*", ".*self_attn.o_proj.*", ".*mlp.up_proj.*",
                                  ".*mlp.gate_proj.*"]}]),
     "internvl2/sft_argument.json": ("internvl", INTERNVL2_SFT, []),
-    "internlm_xcomposer2/sft_argument.json": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
+    # on mixtune's native InternLM-XComposer2 port: `*vit*` names its CLIP tower, as on the original
+    "internlm_xcomposer2/sft_argument.json": ("internlm_xcomposer2", XCOMPOSER2_SFT, []),
+    "internlm_xcomposer2/sft_argument.json@llava": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
     "blip2/sft_argument.json": ("blip-2", BLIP2_SFT, []),
     "blip2/lora_sft_argument.json": ("blip-2", BLIP2_LORA, [
         {"lora_target_modules": ["language_model.model.decoder.layers.*.self_attn.q_proj.*",
@@ -206,7 +209,8 @@ TRAINED_PARTS = {
     "llava/pretrain.json": {"projector"},  # PaddleMIX's LLaVA stage 1: only the projector trains
     "qwen_vl/sft_argument.json": {"projector", "language"},  # ViT frozen, its attn_pool resampler trains
     "qwen_vl/sft_argument.json@qwen2_vl": {"projector", "language"},  # vision tower frozen, its merger trains
-    "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},
+    "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},  # freeze_exclude alone: all train
+    "internlm_xcomposer2/sft_argument.json@llava": {"vision", "projector", "language"},
     "visualglm/sft_argument.json": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},
 }
