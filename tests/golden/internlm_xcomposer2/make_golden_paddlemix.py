@@ -112,7 +112,8 @@ with paddle.no_grad():
 print("image vectors", n_image, "logits", logits.shape, float(np.abs(logits).mean()), "loss", float(loss))
 
 arrays = {"before_ids": np.array(before, np.int16), "after_ids": np.array(after, np.int16), "pixels_q": pix_q,
-          "pixels_scale": np.float32(1 / 64), "im_mask": im_mask.numpy().astype(bool), "labels": labels.astype(np.int16),
+          "pixels_scale": np.float32(1 / 64), "im_mask": im_mask.numpy().astype(bool),
+          "labels": labels.astype(np.int16),
           "logits": logits.astype(np.float32), "loss": np.float32(loss)}
 for key, (q, offset, scale) in weights.items():
     arrays[f"w:{key}"] = q
