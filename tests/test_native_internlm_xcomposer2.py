@@ -248,3 +248,25 @@ def test_saved_checkpoint_keeps_the_published_key_names(model, tmp_path):
         saved = set(f.keys())
     assert saved == {n[2:] for n in golden().files if n.startswith("w:")}
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "internlmxcomposer2"
+
+
+def test_cached_generation_equals_full_recomputation(tiny_model_dir):
+    """Greedy generation with the cache (the image spliced in at the prompt only, later steps text) picks the
+    same tokens as recomputing the whole sequence, image included, at every step."""
+    from PIL import Image
+
+    from mixtune.models.loading import load_model_and_processor
+
+    _, model, processor = load_model_and_processor(tiny_model_dir("internlm_xcomposer2"))
+    model.eval()
+    batch = processor(text=["[UNUSED_TOKEN_146]user\n<ImageHere>What colour?[UNUSED_TOKEN_145]\n"
+                            "[UNUSED_TOKEN_146]assistant\n"], images=[Image.new("RGB", (64, 48), (200, 30, 30))])
+    with torch.no_grad():
+        generated = model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                   max_new_tokens=4, do_sample=False)
+        ids = batch["input_ids"]
+        assert generated.shape[1] > ids.shape[1]
+        for _ in range(generated.shape[1] - ids.shape[1]):
+            logits = model(input_ids=ids, pixel_values=batch["pixel_values"], use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
