@@ -134,6 +134,9 @@ EQUALITY_CASES = [
     ("qwen_vl", PACKED_SDPA, False),
     ("qwen_vl", "sdpa", False),
     ("qwen_vl", "eager", False),
+    ("internvl_chat", PACKED_SDPA, False),
+    ("internvl_chat", "sdpa", False),
+    ("internvl_chat", "eager", False),
     ("internlm_xcomposer2", PACKED_SDPA, False),  # Partial LoRA's im_mask follows each sample's ids
     ("internlm_xcomposer2", "sdpa", False),
     ("internlm_xcomposer2", "eager", True),
