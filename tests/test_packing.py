@@ -143,6 +143,9 @@ EQUALITY_CASES = [
     ("cogvlm", PACKED_SDPA, False),  # token types travel per sample; CogVLM's positions restart at 0
     ("cogvlm", "sdpa", False),
     ("cogvlm", "eager", False),
+    ("internlm_xcomposer2", PACKED_SDPA, False),  # Partial LoRA's im_mask follows each sample's ids
+    ("internlm_xcomposer2", "sdpa", False),
+    ("internlm_xcomposer2", "eager", True),
 ]
 
 

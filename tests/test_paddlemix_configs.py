@@ -4,11 +4,12 @@ carries the fix to paste; after pasting it, it trains.
 
 The harness changes paths (model_name_or_path, data_files, output_dir) and adds `max_steps: 2` so that every
 config stops after 2 optimizer steps. VisualGLM's run unchanged on mixtune's native VisualGLM-6B port
-(mixtune.native.visualglm), and on BLIP-2's tiny ViT + Q-Former + OPT after pasting fixes. InternLM-XComposer2 has
-no transformers family: it runs on LLaVA's CLIP ViT + projector + LLM. Qwen-VL's run on mixtune's native Qwen-VL
-port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
-after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on mixtune's
-native InternVL2 port (mixtune.native.internvl_chat) and on the transformers-native InternVL.
+(mixtune.native.visualglm), and on BLIP-2's tiny ViT + Q-Former + OPT after pasting fixes. InternLM-XComposer2's
+runs on mixtune's native port (mixtune.native.internlm_xcomposer2) unchanged, and on LLaVA's CLIP ViT + projector +
+LLM after pasting the rename its message gives. Qwen-VL's run on mixtune's native Qwen-VL port
+(mixtune.native.qwen_vl) unchanged, and on Qwen2-VL after pasting the renames the messages give; BLIP-2's OPT on the
+tiny OPT, InternVL2 on mixtune's native InternVL2 port (mixtune.native.internvl_chat) and on the
+transformers-native InternVL.
 """
 
 import json
@@ -126,7 +127,9 @@ SHIPPED = {
     # on mixtune's native InternVL2 port (the published layout); and on the transformers-native -hf InternVL
     "internvl2/sft_argument.json": ("internvl_chat", INTERNVL2_SFT, []),
     "internvl2/sft_argument.json@internvl": ("internvl", INTERNVL2_SFT, []),
-    "internlm_xcomposer2/sft_argument.json": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
+    # on mixtune's native InternLM-XComposer2 port: `*vit*` names its CLIP tower, as on the original
+    "internlm_xcomposer2/sft_argument.json": ("internlm_xcomposer2", XCOMPOSER2_SFT, []),
+    "internlm_xcomposer2/sft_argument.json@llava": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
     "blip2/sft_argument.json": ("blip-2", BLIP2_SFT, []),
     "blip2/lora_sft_argument.json": ("blip-2", BLIP2_LORA, [
         {"lora_target_modules": ["language_model.model.decoder.layers.*.self_attn.q_proj.*",
@@ -214,7 +217,8 @@ TRAINED_PARTS = {
     "llava/pretrain.json": {"projector"},  # PaddleMIX's LLaVA stage 1: only the projector trains
     "qwen_vl/sft_argument.json": {"projector", "language"},  # ViT frozen, its attn_pool resampler trains
     "qwen_vl/sft_argument.json@qwen2_vl": {"projector", "language"},  # vision tower frozen, its merger trains
-    "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},
+    "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},  # freeze_exclude alone: all train
+    "internlm_xcomposer2/sft_argument.json@llava": {"vision", "projector", "language"},
     "visualglm/sft_argument.json": {"projector", "language"},  # ViT frozen; Q-Former, glm_proj and ChatGLM train
     "visualglm/sft_argument.json@blip-2": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},

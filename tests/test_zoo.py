@@ -33,10 +33,10 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>",
-               "cogvlm": "</s>", "cogagent": "</s>"}
+               "cogvlm": "</s>", "cogagent": "</s>", "internlm_xcomposer2": "[UNUSED_TOKEN_145]"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
 LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internvl_chat": {"wqkv", "wo", "w1"},
-              "visualglm": {"query_key_value", "dense_h_to_4h"},
+              "internlm_xcomposer2": {"wqkv", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"},
               **{name: {"language_expert_query_key_value", "vision_expert_query_key_value", "gate_proj"}
                  for name in ("cogvlm", "cogagent")}}
 # Families that train one reply per sample (PaliGemma's prefix/suffix; VisualGLM's GLM prompt, which is attended

@@ -339,7 +339,9 @@ AttentionMaskInterface.register(PACKED_VARLEN, sdpa_mask)
 def use_packed_sdpa(model, attention: str = PACKED_SDPA) -> None:
     """Switch the language model (only) from SDPA to `PACKED_SDPA` (or `PACKED_VARLEN`); not saved with the
     checkpoint."""
-    target = {"text_config": attention} if "text_config" in getattr(model.config, "sub_configs", {}) else attention
+    subs = getattr(model.config, "sub_configs", {})
+    # a language model at the config's top level with encoder sub-configs (InternLM-XComposer2's CLIP): "" is it alone
+    target = {"text_config": attention} if "text_config" in subs else ({"": attention} if subs else attention)
     model.set_attn_implementation(target)
 
 

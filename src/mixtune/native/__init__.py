@@ -9,3 +9,4 @@ from mixtune.native import qwen_vl  # noqa: E402,F401  (registers model_type "qw
 from mixtune.native import internlm2  # noqa: E402,F401  (registers model_type "internlm2")
 from mixtune.native import internvl_chat  # noqa: E402,F401  (registers model_type "internvl_chat")
 from mixtune.native import visualglm  # noqa: E402,F401  (registers model_type "chatglm")
+from mixtune.native import internlm_xcomposer2  # noqa: E402,F401  (registers model_type "internlmxcomposer2")
