@@ -81,6 +81,9 @@ class Family:
     parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
     supports_lora: bool = True
+    # A second family of a `model_type` another family serves (MiniMonkey is `internvl_chat`): takes a checkpoint
+    # only when this says so, from the checkpoint's raw config.json. None: the family owns its model types.
+    claims: Callable[[dict], bool] | None = None
 
 
     @property
