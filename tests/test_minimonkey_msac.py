@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mixtune.native.minimonkey.msac import (CHAT_LAYOUT, TRAIN_LAYOUT, MsacLayout, avoids_detail_grid,
-                                             closest_grid, grid_candidates, msac_tiles, tiles_to_pixels)
+from mixtune.native.internvl_chat.processing_internvl_chat import closest_grid, tile_grids
+from mixtune.native.minimonkey.msac import (CHAT_LAYOUT, TRAIN_LAYOUT, MsacLayout, avoids_detail_grid, msac_tiles,
+                                             tiles_to_pixels)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "minimonkey", "golden.npz")
 N_IMAGES = 9
@@ -65,15 +66,13 @@ def test_a_changed_rule_breaks_the_match(golden):
     assert differ >= 3
 
 
-def test_grid_candidates_and_rules_by_hand():
-    assert grid_candidates(1, 2) == [(1, 1), (1, 2), (2, 1)] or grid_candidates(1, 2) == [(1, 1), (2, 1), (1, 2)]
-    assert all(a * b >= 3 and a * b <= 7 for a, b in grid_candidates(3, 7))
-    assert len(grid_candidates(1, 12)) == sum(1 for i in range(1, 13) for j in range(1, 13) if i * j <= 12)
+def test_prior_rules_by_hand():
     # a 2x3 detail grid: PaddleMIX drops 2x2 (2 divides 2); Mini-Monkey's rule keeps it (2 does not divide 3)
     assert not avoids_detail_grid((2, 2), (2, 3), "paddlemix")
     assert avoids_detail_grid((2, 2), (2, 3), "mini_monkey")
     assert not avoids_detail_grid((1, 2), (3, 5), "paddlemix")  # one column divides anything
-    assert closest_grid(300, 100, [(1, 1), (3, 1), (2, 2)], 448) == (3, 1)
-    assert closest_grid(300, 100, [], 448) == (1, 1)
+    assert closest_grid(3.0, [(1, 1), (3, 1), (2, 2)], 300, 100, 448) == (3, 1)
+    assert closest_grid(3.0, [], 300, 100, 448) == (1, 1)  # no adaptive grid left: one tile
+    assert (2, 2) in tile_grids(1, 4) and not [g for g in tile_grids(3, 7) if g[0] == 1 and g[1] < 3]
     with pytest.raises(ValueError, match="prior_rule"):
         MsacLayout(1, 12, 1, 4, adaptive_first=False, prior_rule="other")

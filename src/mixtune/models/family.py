@@ -59,7 +59,7 @@ class Family:
     # rows concatenate them; positions restarting at 0 are what keep samples apart. None: the family
     # cannot pack exactly, and `mixtoken: true` is refused when the config is read.
     pack_positions: Callable[[Any, Any], Any] | None = None
-    # transformers Auto class that loads the full model.
+    # transformers Auto class that loads the full model, or a model class's import path ("pkg.mod.Class").
     auto_class: str = "AutoModelForImageTextToText"
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
     # and coordinate convention (data/grounding.py). The default: plain names and [x1, y1, x2, y2] in 0-1000.

@@ -23,7 +23,7 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
         raise MixtuneError("no model given: pass a checkpoint folder (or a LoRA adapter with --lora_path)")
     family = family_for_checkpoint(model_name_or_path)
     family.check_requires()
-    auto = getattr(transformers, family.auto_class)
+    auto = getattr(transformers, family.auto_class) if "." not in family.auto_class else _import(family.auto_class)
     kwargs = {"dtype": dtype}
     if attn_implementation in family.refused_attn:
         from mixtune.errors import ConfigError
@@ -44,6 +44,14 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     except OSError as e:
         raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
     return family, model, processor
+
+
+def _import(dotted: str):
+    """A model class a family names by its import path (a native port's own class, not a transformers Auto class)."""
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _load_with_adapter(base: str | None, lora_path: str, attn_implementation, dtype, merge: bool):

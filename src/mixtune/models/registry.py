@@ -11,7 +11,7 @@ from mixtune.models.family import Family
 
 FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen_vl", "llava", "llava_next", "llava_next_video", "llava_onevision",
-    "internvl", "internvl_chat",
+    "internvl", "internvl_chat", "minimonkey",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
@@ -120,6 +120,8 @@ def support_table() -> str:
             notes.append("prefix/suffix prompts, one reply per sample")
         if fam.default_chat_template:
             notes.append("built-in prompt format when the checkpoint has no chat template")
+        if fam.claims is not None:
+            notes.append("chosen by a marker in config.json among its model_type's checkpoints")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
         chat = fam.task == "chat"

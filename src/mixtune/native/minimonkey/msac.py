@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# InternVL2's grid search, shared with mixtune's InternVL2 port: candidates in PaddleMIX's order, nearest aspect
+from mixtune.native.internvl_chat.processing_internvl_chat import closest_grid, tile_grids
 
 Grid = tuple[int, int]  # (columns, rows)
 
@@ -65,28 +63,6 @@ TRAIN_LAYOUT = MsacLayout(1, 12, 1, 4, adaptive_first=False)
 CHAT_LAYOUT = MsacLayout(4, 12, 3, 7, adaptive_first=True)
 
 
-def grid_candidates(min_tiles: int, max_tiles: int) -> list[Grid]:
-    """Every grid with min..max tiles, fewest tiles first. Grids with equal tile counts keep the order of the
-    Python set PaddleMIX builds them in: `closest_grid` breaks ties by that order, so it must be the same."""
-    grids = {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_tiles <= i * j <= max_tiles}
-    return sorted(grids, key=lambda g: g[0] * g[1])
-
-
-def closest_grid(width: int, height: int, candidates: list[Grid], tile_size: int) -> Grid:
-    """The candidate whose aspect ratio is nearest the image's. On a tie a later (larger) grid wins when the
-    image has more than half its pixels. No candidate at all gives a single tile (1, 1)."""
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for grid in candidates:
-        diff = abs(aspect - grid[0] / grid[1])
-        if diff < best_diff:
-            best, best_diff = grid, diff
-        elif diff == best_diff and area > 0.5 * tile_size * tile_size * grid[0] * grid[1]:
-            best = grid
-    return best
-
-
 def avoids_detail_grid(grid: Grid, detail: Grid, rule: str = "paddlemix") -> bool:
     return PRIOR_RULES[rule](grid, detail)
 
@@ -103,10 +79,10 @@ def grid_tiles(image: Image.Image, min_tiles: int, max_tiles: int, tile_size: in
                detail: Grid | None = None, rule: str = "paddlemix") -> tuple[list[Image.Image], Grid]:
     """One layer: the best-fitting grid's tiles, then the thumbnail (the whole image as one tile) when asked for
     and the grid has more than one tile. With `detail`, only grids that avoid that detail grid are candidates."""
-    candidates = grid_candidates(min_tiles, max_tiles)
+    candidates = tile_grids(min_tiles, max_tiles)
     if detail is not None:
         candidates = [g for g in candidates if avoids_detail_grid(g, detail, rule)]
-    grid = closest_grid(image.width, image.height, candidates, tile_size)
+    grid = closest_grid(image.width / image.height, candidates, image.width, image.height, tile_size)
     tiles = cut_tiles(image, grid, tile_size)
     if thumbnail and len(tiles) > 1:
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
@@ -129,17 +105,3 @@ def msac_tiles(image: Image.Image, tile_size: int, layout: MsacLayout) -> tuple[
     adaptive, _ = grid_tiles(image, layout.adaptive_min_tiles, layout.adaptive_max_tiles, tile_size, False,
                              detail=grid, rule=layout.prior_rule)
     return detail[:-1] + adaptive + detail[-1:], grid
-
-
-def tiles_to_pixels(tiles: list[Image.Image], tile_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(n_tiles, 3, tile_size, tile_size) float32: each tile resized to tile_size (bicubic; tiles already are),
-    scaled to 0..1 and normalised, as PaddleMIX's `build_transform` (is_train=False) does."""
-    arrays = []
-    for tile in tiles:
-        if tile.size != (tile_size, tile_size):
-            tile = tile.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(tile.convert("RGB"), dtype=np.float32) / np.float32(255.0))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((pixels - mean_t) / std_t).contiguous()
