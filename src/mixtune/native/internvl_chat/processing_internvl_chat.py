@@ -129,8 +129,6 @@ class InternVLChatProcessor(ProcessorMixin):
         ids = list(tok("", add_special_tokens=True)["input_ids"]) if add_special_tokens else []
         offsets, cursor = [(0, 0)] * len(ids), 0
         marks = [(m.start(), m.end()) for m in re.finditer(re.escape(IMAGE_MARK), text)]
-        if len(marks) > len(tiles):
-            raise ValueError(f"the text has more {IMAGE_MARK} marks than images were given")
         start_id, context_id, end_id = (tok.convert_tokens_to_ids(t) for t in (IMG_START, IMG_CONTEXT, IMG_END))
         for k, (start, end) in enumerate(marks + [(len(text), None)]):
             if start > cursor:
@@ -151,6 +149,9 @@ class InternVLChatProcessor(ProcessorMixin):
                  add_special_tokens: bool = True, **kwargs) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [] if images is None else (images if isinstance(images, (list, tuple)) else [images])
+        marks = sum(t.count(IMAGE_MARK) for t in texts)
+        if marks != len(images):
+            raise ValueError(f"the text has {marks} {IMAGE_MARK} marks but {len(images)} images were given")
         data, tiles = {}, []
         if images:
             processed = self.image_processor(images)
@@ -160,8 +161,6 @@ class InternVLChatProcessor(ProcessorMixin):
             ids, offsets, n = self._encode_text(t, tiles[used:], return_offsets_mapping, add_special_tokens)
             encoded.append((ids, offsets))
             used += n
-        if used != len(images):
-            raise ValueError(f"the text has {used} {IMAGE_MARK} marks but {len(images)} images were given")
         data.update(self._pad([e[0] for e in encoded], [e[1] for e in encoded] if return_offsets_mapping else None))
         if return_text_replacement_offsets:  # offsets already refer to the text as given
             data["text_replacement_offsets"] = [[] for _ in texts]
