@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from mixtune.native.internvl_chat.processing_internvl_chat import closest_grid, tile_grids
-from mixtune.native.minimonkey.msac import (CHAT_LAYOUT, TRAIN_LAYOUT, MsacLayout, avoids_detail_grid, msac_tiles,
-                                             tiles_to_pixels)
+from mixtune.native.minimonkey import MiniMonkeyImageProcessor
+from mixtune.native.minimonkey.msac import CHAT_LAYOUT, TRAIN_LAYOUT, MsacLayout, avoids_detail_grid, msac_tiles
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "minimonkey", "golden.npz")
 N_IMAGES = 9
@@ -38,10 +38,10 @@ def test_tiles_equal_paddlemix(golden, k, layout_name):
     assert np.array_equal(got, expected), f"tiles differ at {sorted(set(np.nonzero(got != expected)[0]))}"
 
 
-def test_pixel_tensor_equals_paddlemix(golden):
-    tile = int(golden["tile"])
-    tiles, _ = msac_tiles(Image.fromarray(golden["src1"], "RGB"), tile, TRAIN_LAYOUT)
-    pixels = tiles_to_pixels(tiles, tile)
+def test_processor_pixels_equal_paddlemix(golden):
+    """The processor (defaults: PaddleMIX's training layout) turns the image into PaddleMIX's pixel tensor."""
+    processor = MiniMonkeyImageProcessor(image_size=int(golden["tile"]))
+    pixels = processor(Image.fromarray(golden["src1"], "RGB"))["pixel_values"]
     torch.testing.assert_close(pixels, torch.from_numpy(golden["train1_pixel_values"]), rtol=0, atol=1e-6)
 
 
@@ -73,6 +73,8 @@ def test_prior_rules_by_hand():
     assert not avoids_detail_grid((1, 2), (3, 5), "paddlemix")  # one column divides anything
     assert closest_grid(3.0, [(1, 1), (3, 1), (2, 2)], 300, 100, 448) == (3, 1)
     assert closest_grid(3.0, [], 300, 100, 448) == (1, 1)  # no adaptive grid left: one tile
-    assert (2, 2) in tile_grids(1, 4) and not [g for g in tile_grids(3, 7) if g[0] == 1 and g[1] < 3]
+    assert len(tile_grids(1, 12)) == sum(1 for i in range(1, 13) for j in range(1, 13) if i * j <= 12)
     with pytest.raises(ValueError, match="prior_rule"):
         MsacLayout(1, 12, 1, 4, adaptive_first=False, prior_rule="other")
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        MiniMonkeyImageProcessor(adaptive_min_patch=5, adaptive_max_patch=4)

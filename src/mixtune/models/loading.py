@@ -23,7 +23,7 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
         raise MixtuneError("no model given: pass a checkpoint folder (or a LoRA adapter with --lora_path)")
     family = family_for_checkpoint(model_name_or_path)
     family.check_requires()
-    auto = getattr(transformers, family.auto_class) if "." not in family.auto_class else _import(family.auto_class)
+    auto = model_class_of(family)
     kwargs = {"dtype": dtype}
     if attn_implementation in family.refused_attn:
         from mixtune.errors import ConfigError
@@ -46,11 +46,16 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     return family, model, processor
 
 
-def _import(dotted: str):
-    """A model class a family names by its import path (a native port's own class, not a transformers Auto class)."""
+def model_class_of(family):
+    """The class that loads the family's checkpoints: a transformers Auto class by name, or a model class by its
+    import path (a native port's own class, e.g. MiniMonkey's)."""
     import importlib
 
-    module, _, name = dotted.rpartition(".")
+    import transformers
+
+    if "." not in family.auto_class:
+        return getattr(transformers, family.auto_class)
+    module, _, name = family.auto_class.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
