@@ -134,6 +134,9 @@ EQUALITY_CASES = [
     ("qwen_vl", PACKED_SDPA, False),
     ("qwen_vl", "sdpa", False),
     ("qwen_vl", "eager", False),
+    ("internvl_chat", PACKED_SDPA, False),
+    ("internvl_chat", "sdpa", False),
+    ("internvl_chat", "eager", False),
 ]
 
 

@@ -34,7 +34,8 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "minimonkey": {"wqkv", "w1"}}
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internvl_chat": {"wqkv", "wo", "w1"},
+              "minimonkey": {"wqkv", "wo", "w1"}}
 
 
 def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):

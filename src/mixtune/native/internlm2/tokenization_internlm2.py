@@ -81,6 +81,7 @@ def train_tiny_spm(folder: str, text: str, vocab_size: int = 600, user_defined: 
         model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=list(user_defined),
         split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False, hard_vocab_limit=False,
+        normalization_rule_name="identity",  # newlines and spaces kept as written, as in InternLM2's
         minloglevel=2)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, VOCAB_FILE)
