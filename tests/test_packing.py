@@ -137,6 +137,7 @@ EQUALITY_CASES = [
     ("internvl_chat", PACKED_SDPA, False),
     ("internvl_chat", "sdpa", False),
     ("internvl_chat", "eager", False),
+    ("minimonkey", PACKED_SDPA, False),  # InternVL2's model; more tiles per image (MSAC)
 ]
 
 
