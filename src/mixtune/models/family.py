@@ -84,6 +84,9 @@ class Family:
     # A second family of a `model_type` another family serves (MiniMonkey is `internvl_chat`): takes a checkpoint
     # only when this says so, from the checkpoint's raw config.json. None: the family owns its model types.
     claims: Callable[[dict], bool] | None = None
+    # Optional: checkpoint folder -> processor, where AutoProcessor would pick another family's (a claiming family
+    # whose published folders ship no processor files). None: AutoProcessor.
+    load_processor: Callable[[str], Any] | None = None
 
 
     @property

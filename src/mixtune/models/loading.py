@@ -39,7 +39,8 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
         kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
-        processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
+        load_processor = family.load_processor or transformers.AutoProcessor.from_pretrained
+        processor = load_processor(model_name_or_path)
         model = auto.from_pretrained(model_name_or_path, **kwargs)
     except OSError as e:
         raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None

@@ -64,4 +64,6 @@ FAMILY = Family(
     grounding=INTERNVL_STYLE,
     default_chat_template=internvl_chat.CHAT_TEMPLATE,
     auto_class="mixtune.native.minimonkey.MiniMonkeyChatModel",
+    # a published folder has no processor files, and AutoProcessor would build InternVL2's (single-grid) one
+    load_processor=MiniMonkeyProcessor.from_pretrained,
 )
