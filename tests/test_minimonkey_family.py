@@ -61,7 +61,7 @@ def test_published_folder_loads_as_minimonkey(tiny_model_dir, tmp_path):
     assert family.name == "minimonkey" and type(model).__name__ == "MiniMonkeyChatModel"
     assert type(processor.image_processor).__name__ == "MiniMonkeyImageProcessor"
     _, reference, tiny_processor = load_model_and_processor(tiny)
-    tiny_processor.chat_template = None  # both render with InternVL2's prompt format (the published folder has no other)
+    tiny_processor.chat_template = None  # both render with InternVL2's prompt format (the published one has no other)
     image = Image.new("RGB", (300, 100), (200, 20, 20))  # a 3x1 detail grid and a 2x2 adaptive one: 8 tiles
     enc, same = encode(family, processor, image), encode(family, tiny_processor, image)
     assert enc.media["pixel_values"].shape[0] == 8
