@@ -258,3 +258,38 @@ def test_default_template_writes_prompts_as_paddlemix_does():
         messages += [{"role": "user", "content": content},
                      {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     assert Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False) == conversation["prompt"]
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
+def test_qwen2_and_llama_language_models_keep_their_published_names(architecture, tmp_path):
+    """InternVL2-1B / 4B-style folders: `llm_config.architectures` picks transformers' own LM, under
+    `language_model` with its published names; images reach it and generation runs from the cache."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from mixtune.native.internvl_chat import InternVLChatConfig, InternVLChatModel
+
+    llm = dict(architectures=[architecture], vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, rope_theta=20.0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=28,
+                  patch_size=14, qkv_bias=True, qk_normalization=False, norm_type="layer_norm")
+    config = InternVLChatConfig(vision_config=vision, llm_config=llm, img_context_token_id=63, ps_version="v2")
+    torch.manual_seed(0)
+    model = InternVLChatModel(config).eval()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
+            "language_model.model.embed_tokens.weight", "mlp1.1.weight",
+            "vision_model.encoder.layers.0.attn.qkv.weight"} <= keys
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 6, 63, 7, 8]])  # one tile of 28 px: 1 token after the 2x2 pixel shuffle
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        logits = again(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(logits, model(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=0)
+        assert (again(input_ids=ids, pixel_values=-pixels).logits[0, -1] - logits[0, -1]).abs().max() > 1e-4
+        gen = again.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, min_new_tokens=3,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        full = again(input_ids=gen.sequences, pixel_values=pixels).logits
+    torch.testing.assert_close(torch.cat(gen.logits), full[0, 4:-1], rtol=0, atol=1e-4)

@@ -6,8 +6,8 @@ The harness changes paths (model_name_or_path, data_files, output_dir) and adds 
 config stops after 2 optimizer steps. VisualGLM and InternLM-XComposer2 have no transformers family: they run
 on the closest tiny one (VisualGLM: BLIP-2's ViT + Q-Former; XComposer2: LLaVA's CLIP ViT + projector + LLM).
 Qwen-VL's run on mixtune's native Qwen-VL port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
-after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
-transformers-native InternVL.
+after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on mixtune's native
+InternVL2 port (mixtune.native.internvl_chat) and on the transformers-native InternVL.
 """
 
 import json
@@ -122,7 +122,9 @@ SHIPPED = {
     "qwen_vl/lora_sft_argument.json@qwen2_vl": ("qwen2_vl", QWEN_VL_LORA, [
         {"lora_target_modules": [".*self_attn.(q_proj|k_proj|v_proj).*", ".*self_attn.o_proj.*", ".*mlp.up_proj.*",
                                  ".*mlp.gate_proj.*"]}]),
-    "internvl2/sft_argument.json": ("internvl", INTERNVL2_SFT, []),
+    # on mixtune's native InternVL2 port (the published layout); and on the transformers-native -hf InternVL
+    "internvl2/sft_argument.json": ("internvl_chat", INTERNVL2_SFT, []),
+    "internvl2/sft_argument.json@internvl": ("internvl", INTERNVL2_SFT, []),
     "internlm_xcomposer2/sft_argument.json": ("llava", XCOMPOSER2_SFT, [{"freeze_exclude": ["*vision_tower*"]}]),
     "blip2/sft_argument.json": ("blip-2", BLIP2_SFT, []),
     "blip2/lora_sft_argument.json": ("blip-2", BLIP2_LORA, [
@@ -209,6 +211,7 @@ TRAINED_PARTS = {
     "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},
     "visualglm/sft_argument.json": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},
+    "internvl2/sft_argument.json": {"vision", "projector", "language"},  # no freeze keys: everything trains
 }
 
 

@@ -38,7 +38,6 @@ class InternVLChatPreTrainedModel(PreTrainedModel):
     config_class = InternVLChatConfig
     config: InternVLChatConfig
     base_model_prefix = ""
-    main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternVisionEncoderLayer", "InternLM2DecoderLayer", "Qwen2DecoderLayer",
                          "LlamaDecoderLayer"]
@@ -138,13 +137,6 @@ class InternVLChatModel(InternVLChatPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=out.logits, labels=labels,
                                       vocab_size=self.config.llm_config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache)
-
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_flags=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        cache = inputs.get("cache", inputs.get("past_key_values"))
-        if cache is None or cache.get_seq_length() == 0:  # the images enter once, with the prompt
-            inputs["pixel_values"], inputs["image_flags"] = pixel_values, image_flags
-        return inputs
 
 
 __all__ = ["InternVLChatModel", "InternVLChatPreTrainedModel", "pixel_shuffle"]
