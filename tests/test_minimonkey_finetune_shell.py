@@ -57,8 +57,10 @@ CHECKPOINT_ARGS = {"conv_style": "template", "down_sample_ratio": "downsample_ra
                    "force_image_size": "force_image_size", "max_dynamic_patch": "max_dynamic_patch"}
 TINY_SIZES = {"force_image_size": 112, "max_dynamic_patch": 4}
 # PaddleNLP's own: a log folder (the Trainer logs to output_dir), the hybrid-parallel layout of one process,
-# and freeze_llm False (the language model trains unless frozen)
-DROPPED = {"logging_dir", "sep_parallel_degree", "hybrid_parallel_topo_order", "freeze_llm"}
+# and freeze_llm False (the language model trains unless frozen). `sharding: stage1` over
+# sharding_parallel_degree = GPUS = 1 shards nothing; on several GPUs it is mixtune's `sharding: stage1` (DeepSpeed
+# ZeRO-1, which needs a process group: tests/test_distributed.py runs sharding under its launcher).
+DROPPED = {"logging_dir", "sep_parallel_degree", "hybrid_parallel_topo_order", "freeze_llm", "sharding"}
 
 
 def translate(shell: dict, meta: dict, model_dir: str, output_dir: str) -> dict:
@@ -113,10 +115,9 @@ def test_minimonkey_finetune_shell_trains_2_steps(tiny_model_dir, tmp_path, capl
     metrics = train(config)
     with open(tmp_path / "out" / "trainer_state.json") as f:
         assert json.load(f)["global_step"] == 2
-    assert (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()  # `sharding: stage1` ran as DeepSpeed ZeRO-1
     assert metrics["train_loss"] > 0
     # freeze_backbone / freeze_mlp as PaddleMIX's: the run trained exactly the language model (the log's parameter
-    # summary), and the vision tower and projector come back as they went in (bf16, as bf16 training saves)
+    # summary), and the vision tower and projector come back as they went in
     family = get_family("minimonkey")
     summary = next(r.getMessage() for r in caplog.records if "trainable parameters:" in r.getMessage())
     groups = dict(re.findall(r"^  (\S+): ([\d,]+ / [\d,]+) trainable$", summary, re.M))
@@ -130,7 +131,11 @@ def test_minimonkey_finetune_shell_trains_2_steps(tiny_model_dir, tmp_path, capl
     assert set(groups) >= {"vision_model.embeddings", "mlp1.0", "language_model.model"}
     loaded_family, tuned, _ = load_model_and_processor(str(tmp_path / "out"))
     assert loaded_family is family and type(tuned).__name__ == "MiniMonkeyChatModel"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        saved_dtype = f.get_tensor("mlp1.0.weight").dtype  # the Trainer saves the weights' own dtype
     tuned_params = dict(tuned.named_parameters())
     for name, p in base.named_parameters():
         if parts[name] != "language":
-            assert torch.equal(tuned_params[name], p.detach().bfloat16().float()), name  # saved in bf16, read fp32
+            assert torch.equal(tuned_params[name], p.detach().to(saved_dtype).float()), name
