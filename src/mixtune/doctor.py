@@ -38,7 +38,8 @@ EXTRA_FEATURES = {
 }
 # distribution name -> module to import, where they differ
 MODULES = {"open-clip-torch": "open_clip", "pillow": "PIL", "pyyaml": "yaml", "liger-kernel": "liger_kernel",
-           "flash-attn": "flash_attn", "torch-npu": "torch_npu", "onnxscript": "onnxscript"}
+           "flash-attn": "flash_attn", "torch-npu": "torch_npu", "onnxscript": "onnxscript",
+           "protobuf": "google.protobuf"}
 # packages no extra installs but features need (pip by hand, matched to the machine's CUDA / CANN)
 HARDWARE_PACKAGES = {"flash-attn": "attn_implementation: flash_attention_2 (and MixToken's varlen packing)",
                      "torch-npu": "device: npu (Ascend)"}

@@ -8,3 +8,4 @@ Importing a port's package registers it; `mixtune.models.registry` imports them 
 from mixtune.native import qwen_vl  # noqa: E402,F401  (registers model_type "qwen")
 from mixtune.native import internlm2  # noqa: E402,F401  (registers model_type "internlm2")
 from mixtune.native import internvl_chat  # noqa: E402,F401  (registers model_type "internvl_chat")
+from mixtune.native import visualglm  # noqa: E402,F401  (registers model_type "chatglm")
