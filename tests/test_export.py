@@ -15,13 +15,14 @@ from mixtune.cli import main
 from mixtune.data.conversation import Conversation, Turn
 from mixtune.export import safetensors_layout
 from mixtune.infer.engine import Engine, batch_inputs
+from mixtune.models.loading import model_class_of
 from mixtune.models.registry import families, get_family
 
 FAMILIES = [f.name for f in families()]
 
 
 def logits(model_dir: str, inputs: dict) -> torch.Tensor:
-    auto = getattr(transformers, get_family_of(model_dir).auto_class)
+    auto = model_class_of(get_family_of(model_dir))
     model = auto.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(**inputs).logits

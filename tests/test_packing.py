@@ -146,6 +146,7 @@ EQUALITY_CASES = [
     ("internlm_xcomposer2", PACKED_SDPA, False),  # Partial LoRA's im_mask follows each sample's ids
     ("internlm_xcomposer2", "sdpa", False),
     ("internlm_xcomposer2", "eager", True),
+    ("minimonkey", PACKED_SDPA, False),  # InternVL2's model; more tiles per image (MSAC)
 ]
 
 

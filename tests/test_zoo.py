@@ -24,7 +24,7 @@ from mixtune.errors import MixtuneError
 from mixtune.media.audio import Audio
 from mixtune.models.registry import families, get_family
 from mixtune.train.freeze import PARTS, apply_freeze, part_of
-from mixtune.models.loading import load_model_and_processor
+from mixtune.models.loading import load_model_and_processor, model_class_of
 
 FAMILIES = [f.name for f in families()]
 
@@ -36,7 +36,8 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "cogvlm": "</s>", "cogagent": "</s>", "internlm_xcomposer2": "[UNUSED_TOKEN_145]"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
 LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internvl_chat": {"wqkv", "wo", "w1"},
-              "internlm_xcomposer2": {"wqkv", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"},
+              "minimonkey": {"wqkv", "wo", "w1"}, "internlm_xcomposer2": {"wqkv", "w1"},
+              "visualglm": {"query_key_value", "dense_h_to_4h"},
               **{name: {"language_expert_query_key_value", "vision_expert_query_key_value", "gate_proj"}
                  for name in ("cogvlm", "cogagent")}}
 # Families that train one reply per sample (PaliGemma's prefix/suffix; VisualGLM's GLM prompt, which is attended
@@ -131,7 +132,7 @@ def test_family(tiny_model_dir, tmp_path, name):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     model.eval()
-    reloaded = getattr(transformers, fam.auto_class).from_pretrained(out).eval()
+    reloaded = model_class_of(fam).from_pretrained(out).eval()
     reprocessor = transformers.AutoProcessor.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
@@ -150,7 +151,7 @@ def test_family(tiny_model_dir, tmp_path, name):
     # LoRA on the family's default targets: only language-model modules, and it learns
     from peft import LoraConfig, get_peft_model
 
-    base = getattr(transformers, fam.auto_class).from_pretrained(path)
+    base = model_class_of(fam).from_pretrained(path)
     lora = get_peft_model(base, LoraConfig(target_modules=fam.lora_targets, r=4, lora_alpha=8))
     wrapped = [n.removeprefix("base_model.model.") for n, m in lora.named_modules() if hasattr(m, "lora_A")]
     kinds = {n.rsplit(".", 1)[-1] for n in wrapped}

@@ -61,7 +61,7 @@ class Family:
     pack_positions: Callable[[Any, Any], Any] | None = None
     # Why the family cannot pack, when it is not a missing hook but the architecture (said when mixtoken is refused).
     no_packing_reason: str | None = None
-    # transformers Auto class that loads the full model.
+    # transformers Auto class that loads the full model, or a model class's import path ("pkg.mod.Class").
     auto_class: str = "AutoModelForImageTextToText"
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
     # and coordinate convention (data/grounding.py). The default: plain names and [x1, y1, x2, y2] in 0-1000.
@@ -86,6 +86,12 @@ class Family:
     # Native ports that keep the published names where PaddleMIX renamed modules: our parameter / module name ->
     # PaddleMIX's name(s); PaddleMIX's freeze globs and LoRA regexes are then read over those (paddle_compat)
     paddle_names: Callable[[str], tuple[str, ...]] | None = None
+    # A second family of a `model_type` another family serves (MiniMonkey is `internvl_chat`): takes a checkpoint
+    # only when this says so, from the checkpoint's raw config.json. None: the family owns its model types.
+    claims: Callable[[dict], bool] | None = None
+    # Optional: checkpoint folder -> processor, where AutoProcessor would pick another family's (a claiming family
+    # whose published folders ship no processor files). None: AutoProcessor.
+    load_processor: Callable[[str], Any] | None = None
 
 
     @property

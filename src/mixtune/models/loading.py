@@ -23,7 +23,7 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
         raise MixtuneError("no model given: pass a checkpoint folder (or a LoRA adapter with --lora_path)")
     family = family_for_checkpoint(model_name_or_path)
     family.check_requires()
-    auto = getattr(transformers, family.auto_class)
+    auto = model_class_of(family)
     kwargs = {"dtype": dtype}
     if attn_implementation in family.refused_attn:
         from mixtune.errors import ConfigError
@@ -39,7 +39,8 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
     if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
         kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
-        processor = transformers.AutoProcessor.from_pretrained(model_name_or_path)
+        load_processor = family.load_processor or transformers.AutoProcessor.from_pretrained
+        processor = load_processor(model_name_or_path)
         model = auto.from_pretrained(model_name_or_path, **kwargs)
     except OSError as e:
         raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
@@ -48,6 +49,19 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
 
         expose_text_embeddings(model)
     return family, model, processor
+
+
+def model_class_of(family):
+    """The class that loads the family's checkpoints: a transformers Auto class by name, or a model class by its
+    import path (a native port's own class, e.g. MiniMonkey's)."""
+    import importlib
+
+    import transformers
+
+    if "." not in family.auto_class:
+        return getattr(transformers, family.auto_class)
+    module, _, name = family.auto_class.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _load_with_adapter(base: str | None, lora_path: str, attn_implementation, dtype, merge: bool):

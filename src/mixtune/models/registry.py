@@ -11,7 +11,7 @@ from mixtune.models.family import Family
 
 FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen_vl", "llava", "llava_next", "llava_next_video", "llava_onevision",
-    "internvl", "internvl_chat", "internlm_xcomposer2", "visualglm", "cogvlm", "cogagent",
+    "internvl", "internvl_chat", "minimonkey", "internlm_xcomposer2", "visualglm", "cogvlm", "cogagent",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
@@ -23,6 +23,7 @@ FAMILY_MODULES = [
 ALIASES = {"blip2": "blip-2"}
 
 _FAMILIES: dict[str, Family] = {}
+_CLAIMING: list[Family] = []
 
 
 def _load() -> dict[str, Family]:
@@ -30,7 +31,10 @@ def _load() -> dict[str, Family]:
         for name in FAMILY_MODULES:
             family = importlib.import_module(f"mixtune.models.{name}").FAMILY
             for model_type in family.model_types:
-                _FAMILIES[model_type] = family
+                if family.claims is None:
+                    _FAMILIES[model_type] = family
+            if family.claims is not None:  # found through its claim (claiming_family), never by type alone
+                _CLAIMING.append(family)
     return _FAMILIES
 
 
@@ -38,7 +42,7 @@ def families(task: str | None = "chat") -> list[Family]:
     """The registered families of one task (default: the chat families, which the chat tests parametrise
     over), or of every task with `task=None`."""
     seen: dict[str, Family] = {}
-    for fam in _load().values():
+    for fam in list(_load().values()) + _CLAIMING:
         if task is None or fam.task == task:
             seen.setdefault(fam.name, fam)
     return list(seen.values())
@@ -87,7 +91,19 @@ def read_model_type(model_name_or_path: str) -> str:
 
 
 def family_for_checkpoint(model_name_or_path: str) -> Family:
-    return get_family(read_model_type(model_name_or_path))
+    model_type = read_model_type(model_name_or_path)
+    return claiming_family(model_name_or_path, model_type) or get_family(model_type)
+
+
+def claiming_family(model_name_or_path: str, model_type: str) -> Family | None:
+    """The family that claims this checkpoint by a marker in its config.json, among those sharing its type."""
+    claimants = [f for f in families(task=None) if f.claims is not None and model_type in f.model_types]
+    config_path = os.path.join(model_name_or_path, "config.json")
+    if not claimants or not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        raw = json.load(f)
+    return next((f for f in claimants if f.claims(raw)), None)
 
 
 def support_table() -> str:
@@ -104,6 +120,8 @@ def support_table() -> str:
             notes.append("prefix/suffix prompts, one reply per sample")
         if fam.default_chat_template:
             notes.append("built-in prompt format when the checkpoint has no chat template")
+        if fam.claims is not None:
+            notes.append("chosen by a marker in config.json among its model_type's checkpoints")
         notes += [f"needs `{m}` (not installed)" for m in fam.requires if importlib.util.find_spec(m) is None]
         packing = "yes" if fam.pack_positions else "no"
         chat = fam.task == "chat"
