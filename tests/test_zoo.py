@@ -32,7 +32,8 @@ FAMILIES = [f.name for f in families()]
 END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
-               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
+               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>",
+               "minigpt4": "###</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
 LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}}
 

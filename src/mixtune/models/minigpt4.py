@@ -20,7 +20,9 @@ from mixtune.native.minigpt4.processing_minigpt4 import blip2_image_processor
 IMAGE_MARKUP = f"<Img>{IMAGE_TOKEN}</Img>"
 END_SYMBOL = "###"
 # A user turn is "###Human: <Img><ImageHere></Img> question " (the "###" is the previous reply's end symbol
-# after the first turn), the reply "###Assistant: answer###" + EOS. A system message goes first, as is.
+# after the first turn), the reply "###Assistant: answer###" + EOS, as MiniGPT-4's training prompts write them;
+# the generation prompt ends "###Assistant:" as MiniGPT-4's chat does, so the reply's first token (" answer")
+# is the reply's. A system message goes first, as is.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
@@ -36,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}" + END_SYMBOL + "{{ eos_token }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}###Assistant: {% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}###Assistant:{% endif %}"
 )
 TINY_IMAGE, TINY_QUERIES = 56, 8
 
