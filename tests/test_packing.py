@@ -134,6 +134,8 @@ EQUALITY_CASES = [
     ("qwen_vl", PACKED_SDPA, False),
     ("qwen_vl", "sdpa", False),
     ("qwen_vl", "eager", False),
+    ("minigpt4", PACKED_SDPA, False),
+    ("minigpt4", "sdpa", False),
 ]
 
 
