@@ -159,3 +159,80 @@ def test_template_writes_vicuna_v0_turns(tiny_model_dir):
     assert processor.apply_chat_template(to_messages(conv), tokenize=False) == (
         "<s>###Human: <Img><ImageHere></Img> What colour? ###Assistant: red###</s>"
         "Human: Shape? ###Assistant: round###</s>")
+
+
+def released_pieces(tiny_model_dir, folder):
+    """Tiny stand-ins for what MiniGPT-4's users download: a BLIP-2 folder, a Vicuna folder, pretrained_minigpt4.pth
+    (its llama_proj, plus one llama_model tensor, which must win over the Vicuna's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixtune.models.llava import llama_tokenizer
+    from mixtune.models.tiny import TEXT_SIZES
+
+    torch.manual_seed(0)
+    tok = llama_tokenizer()
+    llama = LlamaForCausalLM(LlamaConfig(**{**TEXT_SIZES, "hidden_size": 96}, vocab_size=len(tok),
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
+    llama.save_pretrained(folder / "vicuna")
+    tok.save_pretrained(folder / "vicuna")
+    released = {"llama_proj.weight": torch.randn(96, 64), "llama_proj.bias": torch.randn(96),
+                "llama_model.model.norm.weight": torch.randn(96)}
+    torch.save({"model": released}, folder / "pretrained_minigpt4.pth")
+    return tiny_model_dir("blip-2"), str(folder / "vicuna"), str(folder / "pretrained_minigpt4.pth"), released
+
+
+def test_convert_builds_a_loadable_folder_from_the_released_pieces(tiny_model_dir, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file as load_safetensors
+
+    from mixtune.cli import main
+    from mixtune.data.conversation import Conversation, Turn
+    from mixtune.data.encode import encode_with_processor, generation_inputs
+    from mixtune.data.templates import make_renderer
+    from mixtune.models.loading import load_model_and_processor
+
+    blip2, vicuna, pth, released = released_pieces(tiny_model_dir, tmp_path)
+    out = tmp_path / "minigpt4"
+    assert main(["convert", "--from", "minigpt4", "--blip2", blip2, "--llama", vicuna, "--minigpt4", pth,
+                 "--output_dir", str(out)]) == 0
+    family, model, processor = load_model_and_processor(str(out))
+    assert family.name == "minigpt4" and processor.num_query_tokens == 8
+    state = model.state_dict()
+    blip2_state = load_safetensors(os.path.join(blip2, "model.safetensors"))
+    vicuna_state = load_safetensors(os.path.join(vicuna, "model.safetensors"))
+    for key, value in blip2_state.items():
+        if key.startswith(("vision_model.", "qformer.", "query_tokens")):
+            assert torch.equal(state[key], value), key
+    for key, value in vicuna_state.items():
+        if key != "model.norm.weight":
+            assert torch.equal(state[f"language_model.{key}"], value), key
+    assert torch.equal(state["language_model.model.norm.weight"], released["llama_model.model.norm.weight"])
+    assert torch.equal(state["language_projection.weight"], released["llama_proj.weight"])
+    n_blip2 = sum(k.startswith(("vision_model.", "qformer.", "query_tokens")) for k in blip2_state)
+    assert len(state) == n_blip2 + len(vicuna_state) + 2
+    # the image token is added past the Vicuna's vocabulary, which keeps its size
+    assert model.config.image_token_index == model.config.text_config.vocab_size == len(processor.tokenizer) - 1
+
+    render = make_renderer(processor, None, family.image_placeholder, family.default_chat_template)
+    conv = Conversation(turns=[Turn("user", "<image>What colour is it?"), Turn("assistant", "red")],
+                        file="mem.json", index=0, images=["mem"])
+    red = Image.new("RGB", (80, 60), (200, 20, 20))
+    enc = encode_with_processor(conv, [red], processor, render)
+    assert int((enc.input_ids == model.config.image_token_index).sum()) == 8
+    loss = model(input_ids=enc.input_ids[None], pixel_values=enc.media["pixel_values"], labels=enc.labels[None]).loss
+    assert torch.isfinite(loss)
+    inputs = generation_inputs(Conversation(turns=conv.turns[:1], file="mem.json", index=0, images=["mem"]), [red],
+                               processor, render)
+    generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_convert_names_a_checkpoint_without_llama_proj(tiny_model_dir, tmp_path):
+    from mixtune.convert.minigpt4 import convert_minigpt4
+    from mixtune.errors import MixtuneError
+
+    blip2, vicuna, _, _ = released_pieces(tiny_model_dir, tmp_path)
+    torch.save({"model": {"something.else": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(MixtuneError, match=r"other\.pth: no llama_proj\.weight"):
+        convert_minigpt4(blip2, vicuna, str(tmp_path / "other.pth"), str(tmp_path / "out"))
