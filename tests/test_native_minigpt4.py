@@ -236,3 +236,31 @@ def test_convert_names_a_checkpoint_without_llama_proj(tiny_model_dir, tmp_path)
     torch.save({"model": {"something.else": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(MixtuneError, match=r"other\.pth: no llama_proj\.weight"):
         convert_minigpt4(blip2, vicuna, str(tmp_path / "other.pth"), str(tmp_path / "out"))
+
+
+def test_minigpt4_recipe_trains_only_the_projection(tiny_model_dir, tmp_path):
+    """PaddleMIX ships no MiniGPT-4 config file; its examples/minigpt4/run_train.py defaults are the recipe:
+    learning rate 3e-5, weight decay 0.05, CosineDecayWithWarmup (warm-up start 1e-6, floor 1e-5), ViT, Q-Former
+    and Llama frozen. In mixtune terms (freeze_vision covers ViT + Q-Former + query tokens), 2 steps change
+    exactly the language_projection weights."""
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import red_image, write_json
+    from mixtune.config import build_config
+    from mixtune.train.run import train
+
+    img = red_image(tmp_path / "red.png")
+    data = write_json(tmp_path / "train.json", [{"image": img, "conversations": [["<image>Describe it.",
+                                                                                   "a red square"]]}] * 6)
+    model_dir = tiny_model_dir("minigpt4")
+    raw = {"model_name_or_path": model_dir, "dataset": {"train": [{"name": "chatml_dataset", "data_files": data}]},
+           "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 6,
+           "learning_rate": 3e-5, "weight_decay": 0.05, "lr_scheduler_name": "CosineDecayWithWarmup",
+           "warmup_start_lr": 1e-6, "eta_min": 1e-5, "freeze_vision": True, "freeze_language": True,
+           "save_strategy": "no", "disable_tqdm": True, "seed": 42}
+    metrics = train(build_config(raw, base_dir=str(tmp_path)))
+    assert metrics["train_loss"] > 0
+    base = dict(AutoModelForImageTextToText.from_pretrained(model_dir).named_parameters())
+    tuned = dict(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).named_parameters())
+    moved = sorted(n for n in base if not torch.equal(base[n], tuned[n]))
+    assert moved == ["language_projection.bias", "language_projection.weight"]
