@@ -264,3 +264,75 @@ def test_minigpt4_recipe_trains_only_the_projection(tiny_model_dir, tmp_path):
     tuned = dict(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).named_parameters())
     moved = sorted(n for n in base if not torch.equal(base[n], tuned[n]))
     assert moved == ["language_projection.bias", "language_projection.weight"]
+
+
+def lavis_names(blip2_state: dict) -> tuple[dict, dict]:
+    """The tiny BLIP-2's tower and Q-Former under LAVIS's names, as Vision-CAIR's MiniGPT-4 downloads them:
+    (eva_vit_g.pth without its `visual_encoder.` prefix, blip2_pretrained_flant5xxl.pth), each with the extra
+    tensors such files hold and MiniGPT-4 ignores."""
+    vit, blip2 = {}, {"query_tokens": blip2_state["query_tokens"]}
+    vision = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+              "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+              "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    block = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+             "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for key, value in blip2_state.items():
+        if key.startswith("vision_model.embeddings."):
+            vit[vision[key.removeprefix("vision_model.")]] = value
+        elif key.startswith("vision_model.post_layernorm."):
+            blip2["ln_vision." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("vision_model.encoder.layers."):
+            i, rest = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            module, param = rest.rsplit(".", 1)
+            if rest == "self_attn.qkv.bias":
+                q, _, v = value.chunk(3)
+                vit[f"blocks.{i}.attn.q_bias"], vit[f"blocks.{i}.attn.v_bias"] = q, v
+            else:
+                vit[f"blocks.{i}.{block[module]}.{param}"] = value
+        elif key.startswith("qformer.layernorm."):
+            blip2["Qformer.bert.embeddings.LayerNorm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("qformer.encoder.layer."):
+            lavis = key.replace("qformer.", "Qformer.bert.", 1).replace("attention.attention.", "attention.self.")
+            blip2[lavis] = value
+    width = blip2_state["vision_model.post_layernorm.weight"].shape[0]
+    vit["blocks.2.norm1.weight"] = torch.ones(width)  # EVA ViT-g's last block, which MiniGPT-4 leaves out
+    blip2["Qformer.bert.encoder.layer.0.intermediate.dense.weight"] = torch.ones(3)  # the text branch
+    blip2["Qformer.cls.predictions.bias"] = torch.ones(3)
+    blip2["t5_proj.weight"] = torch.ones(3)
+    return vit, blip2
+
+
+def test_convert_reads_lavis_checkpoints_as_transformers_blip2(tiny_model_dir, tmp_path):
+    """LAVIS's eva_vit_g.pth + blip2_pretrained_flant5xxl.pth give the same folder as transformers' BLIP-2 folder,
+    except EVA's missing k bias, which is zero (transformers' BLIP-2 stores one qkv bias)."""
+    from safetensors.torch import load_file as load_safetensors
+
+    from mixtune.convert.minigpt4 import convert_minigpt4
+
+    blip2, vicuna, pth, _ = released_pieces(tiny_model_dir, tmp_path)
+    hf_state = load_safetensors(os.path.join(blip2, "model.safetensors"))
+    vit, lavis = lavis_names(hf_state)
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
+    report = convert_minigpt4(str(tmp_path / "blip2_pretrained.pth"), vicuna, pth, str(tmp_path / "lavis"),
+                              vit=str(tmp_path / "eva_vit_g.pth"), blip2_config=blip2)
+    assert report["dropped"] == 1  # the ViT's extra block; the text branch and T5 parts are never read
+    convert_minigpt4(blip2, vicuna, pth, str(tmp_path / "hf"))
+    from_lavis = load_safetensors_folder(tmp_path / "lavis")
+    from_hf = load_safetensors_folder(tmp_path / "hf")
+    assert set(from_lavis) == set(from_hf)
+    for key, value in from_hf.items():
+        if key.endswith("self_attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            value = torch.cat([q, torch.zeros_like(q), v])
+        assert torch.equal(from_lavis[key], value), key
+
+
+def load_safetensors_folder(folder) -> dict:
+    from safetensors.torch import load_file as load_safetensors
+
+    state = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            state.update(load_safetensors(os.path.join(folder, name)))
+    return state
