@@ -336,3 +336,16 @@ def load_safetensors_folder(folder) -> dict:
         if name.endswith(".safetensors"):
             state.update(load_safetensors(os.path.join(folder, name)))
     return state
+
+
+def test_generation_with_cache_equals_recomputing(model):
+    """Greedy decoding with the KV cache (image vectors inserted once, at the prompt) gives the tokens that
+    recomputing the whole sequence at every step (the image inserted each time) gives."""
+    ids, pixels = inputs(model)
+    prompt = ids[:, :-6]
+    kwargs = dict(pixel_values=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        recomputed = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (1, prompt.shape[1] + 6)
+    assert torch.equal(cached, recomputed)
