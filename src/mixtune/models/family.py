@@ -59,6 +59,8 @@ class Family:
     # rows concatenate them; positions restarting at 0 are what keep samples apart. None: the family
     # cannot pack exactly, and `mixtoken: true` is refused when the config is read.
     pack_positions: Callable[[Any, Any], Any] | None = None
+    # Why the family cannot pack, when it is not a missing hook but the architecture (said when mixtoken is refused).
+    no_packing_reason: str | None = None
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup
@@ -81,6 +83,9 @@ class Family:
     parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
     supports_lora: bool = True
+    # Native ports that keep the published names where PaddleMIX renamed modules: our parameter / module name ->
+    # PaddleMIX's name(s); PaddleMIX's freeze globs and LoRA regexes are then read over those (paddle_compat)
+    paddle_names: Callable[[str], tuple[str, ...]] | None = None
 
 
     @property

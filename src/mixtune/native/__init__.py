@@ -6,4 +6,5 @@ Importing a port's package registers it; `mixtune.models.registry` imports them 
 """
 
 from mixtune.native import qwen_vl  # noqa: E402,F401  (registers model_type "qwen")
+from mixtune.native import visualglm  # noqa: E402,F401  (registers model_type "chatglm")
 from mixtune.native import minigpt4  # noqa: E402,F401  (registers model_type "minigpt4")
