@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit", help="minigpt4: LAVIS's eva_vit_g.pth, when the --blip2 .pth lacks the ViT")
     p.add_argument("--blip2_config", help="minigpt4: a BLIP-2 config.json for a LAVIS .pth (default: BLIP-2's sizes)")
     p.add_argument("--llama", help="minigpt4: a Vicuna / Llama folder (transformers layout)")
-    p.add_argument("--minigpt4", help="minigpt4: the released checkpoint with llama_proj (e.g. pretrained_minigpt4.pth)")
+    p.add_argument("--minigpt4", help="minigpt4: the released checkpoint with llama_proj (pretrained_minigpt4.pth)")
     p.add_argument("--output_dir", required=True)
     p.set_defaults(func=cmd_convert)
 
