@@ -147,6 +147,8 @@ EQUALITY_CASES = [
     ("internlm_xcomposer2", "sdpa", False),
     ("internlm_xcomposer2", "eager", True),
     ("minimonkey", PACKED_SDPA, False),  # InternVL2's model; more tiles per image (MSAC)
+    ("minigpt4", PACKED_SDPA, False),
+    ("minigpt4", "sdpa", False),
 ]
 
 

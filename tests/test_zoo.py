@@ -33,7 +33,7 @@ END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>"
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
                "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>",
-               "cogvlm": "</s>", "cogagent": "</s>", "internlm_xcomposer2": "[UNUSED_TOKEN_145]"}
+               "cogvlm": "</s>", "cogagent": "</s>", "internlm_xcomposer2": "[UNUSED_TOKEN_145]", "minigpt4": "###</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
 LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "internvl_chat": {"wqkv", "wo", "w1"},
               "minimonkey": {"wqkv", "wo", "w1"}, "internlm_xcomposer2": {"wqkv", "w1"},

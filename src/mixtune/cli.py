@@ -68,6 +68,17 @@ def cmd_make_tiny_model(args, extra) -> int:
     return 0
 
 
+def cmd_convert(args, extra) -> int:
+    from mixtune.convert.minigpt4 import convert_minigpt4
+
+    for flag in ("blip2", "llama", "minigpt4"):
+        if not getattr(args, flag):
+            raise MixtuneError(f"convert --from minigpt4 needs --{flag}")
+    print(json.dumps(convert_minigpt4(args.blip2, args.llama, args.minigpt4, args.output_dir, vit=args.vit,
+                                      blip2_config=args.blip2_config), indent=1))
+    return 0
+
+
 def cmd_list_models(args, extra) -> int:
     from mixtune.models.registry import support_table
 
@@ -285,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="qwen2_vl")
     p.add_argument("--output_dir", required=True)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("convert", help="build a loadable checkpoint folder from a model's released pieces")
+    p.add_argument("--from", dest="source", required=True, choices=["minigpt4"])
+    p.add_argument("--blip2", help="minigpt4: a transformers BLIP-2 folder, or LAVIS's blip2_pretrained_*.pth")
+    p.add_argument("--vit", help="minigpt4: LAVIS's eva_vit_g.pth, when the --blip2 .pth lacks the ViT")
+    p.add_argument("--blip2_config", help="minigpt4: a BLIP-2 config.json for a LAVIS .pth (default: BLIP-2's sizes)")
+    p.add_argument("--llama", help="minigpt4: a Vicuna / Llama folder (transformers layout)")
+    p.add_argument("--minigpt4", help="minigpt4: the released checkpoint with llama_proj (pretrained_minigpt4.pth)")
+    p.add_argument("--output_dir", required=True)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("list-models", help="the supported model families and what each supports")
     p.set_defaults(func=cmd_list_models)

@@ -10,3 +10,4 @@ from mixtune.native import internlm2  # noqa: E402,F401  (registers model_type "
 from mixtune.native import internvl_chat  # noqa: E402,F401  (registers model_type "internvl_chat")
 from mixtune.native import visualglm  # noqa: E402,F401  (registers model_type "chatglm")
 from mixtune.native import internlm_xcomposer2  # noqa: E402,F401  (registers model_type "internlmxcomposer2")
+from mixtune.native import minigpt4  # noqa: E402,F401  (registers model_type "minigpt4")
