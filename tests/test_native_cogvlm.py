@@ -236,13 +236,17 @@ def test_cogagent_refuses_mixtoken_and_says_why(tiny_model_dir, tmp_path):
         load_config(write_config(tmp_path, tiny_model_dir("cogagent"), data, mixtoken=True))
 
 
-def published_layout(tiny: str, folder) -> str:
+KEEP = object()
+
+
+def published_layout(tiny: str, folder, model_type=KEEP, tokenizer_files=("tokenizer.json", "tokenizer_config.json")) -> str:
     """The tiny checkpoint laid out as CogVLM / CogAgent is published: config with auto_map to remote code that is
     not there, weights, and the (Vicuna) tokenizer files the user puts beside them; no processor files, no chat
-    template."""
+    template. `model_type` None drops the key from config.json, "" empties it (THUDM's remote-code config class
+    declares none)."""
     import shutil
 
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("model.safetensors", "generation_config.json") + tuple(tokenizer_files):
         shutil.copy(os.path.join(tiny, name), folder / name)
     with open(os.path.join(tiny, "config.json")) as f:
         config = json.load(f)
@@ -250,6 +254,10 @@ def published_layout(tiny: str, folder) -> str:
     config_class = "CogAgentConfig" if agent else "CogVLMConfig"
     config["auto_map"] = {"AutoConfig": f"configuration_{config['model_type']}.{config_class}",
                           "AutoModelForCausalLM": f"modeling_{config['model_type']}.{config['architectures'][0]}"}
+    if model_type is None:
+        del config["model_type"]
+    elif model_type is not KEEP:
+        config["model_type"] = model_type
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -286,3 +294,58 @@ def test_saved_checkpoint_keeps_the_published_key_names(golden_model, tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         saved = set(f.keys())
     assert saved == {n[2:] for n in golden(kind).files if n.startswith("w:")}
+
+
+def plain_folder(tmp_path):
+    """A folder whose path says nothing of CogVLM: transformers' fallback of matching the folder's name finds nothing."""
+    folder = tmp_path / "published"
+    folder.mkdir()
+    assert "cog" not in str(folder).lower()
+    return folder
+
+
+def train_one_step(tmp_path, model_dir: str, out: str) -> float:
+    from conftest import red_image, write_config, write_json
+    from mixtune.config import load_config
+    from mixtune.train.run import train
+
+    data = write_json(tmp_path / "train.json", [{"image": red_image(tmp_path / "red.png"),
+                                                 "conversations": [["<image>Colour?", "red"]]}] * 2)
+    train(load_config(write_config(tmp_path, model_dir, data, output_dir=str(tmp_path / out), max_steps=1)))
+    with open(tmp_path / out / "metrics.json") as f:
+        return next(h["loss"] for h in json.load(f)["log_history"] if "loss" in h)
+
+
+@pytest.mark.parametrize("name,model_type", [("cogvlm", None), ("cogvlm", ""), ("cogagent", None),
+                                             ("cogagent", "")])
+def test_a_config_without_model_type_is_read_by_its_architectures(tiny_model_dir, tmp_path, name, model_type):
+    """THUDM's published config.json has no usable model_type (missing, or ""): the folder, named without "cog", loads
+    by its `architectures`, gives the logits of the same checkpoint with its model_type, trains a step with the same
+    loss, and saves a config.json that names the model_type."""
+    from mixtune.models.loading import load_model_and_processor
+
+    tiny = tiny_model_dir(name)
+    folder = published_layout(tiny, plain_folder(tmp_path), model_type=model_type)
+    family, model, processor = load_model_and_processor(folder)
+    _, reference, _ = load_model_and_processor(tiny)
+    assert family.name == name and type(model) is type(reference) and model.config.model_type == name
+    _, _, _, enc, _ = encoded(tiny)
+    batch = {"input_ids": enc.input_ids[None], "token_type_ids": enc.token_fields["token_type_ids"][None], **enc.media}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    if model_type is None:  # training reads the folder through the config and trainer paths too
+        assert train_one_step(tmp_path, folder, "out") == train_one_step(tmp_path, tiny, "ref")
+        with open(tmp_path / "out" / "config.json") as f:
+            assert json.load(f)["model_type"] == name
+
+
+def test_unknown_architectures_without_model_type_are_refused_in_one_line(tmp_path):
+    from mixtune.errors import MixtuneError
+    from mixtune.models.loading import load_model_and_processor
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SomeOtherForCausalLM"]}))
+    with pytest.raises(MixtuneError) as err:
+        load_model_and_processor(str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "config.json") in message and "SomeOtherForCausalLM" in message
+    assert "CogVLMForCausalLM" in message  # what it could read

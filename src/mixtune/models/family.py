@@ -86,6 +86,9 @@ class Family:
     # Native ports that keep the published names where PaddleMIX renamed modules: our parameter / module name ->
     # PaddleMIX's name(s); PaddleMIX's freeze globs and LoRA regexes are then read over those (paddle_compat)
     paddle_names: Callable[[str], tuple[str, ...]] | None = None
+    # config.json `architectures` names this family serves: read when a published config.json names no usable
+    # `model_type` (THUDM's CogVLM / CogAgent: their remote-code config class declares none)
+    architectures: tuple[str, ...] = ()
 
 
     @property
