@@ -349,3 +349,65 @@ def test_unknown_architectures_without_model_type_are_refused_in_one_line(tmp_pa
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "config.json") in message and "SomeOtherForCausalLM" in message
     assert "CogVLMForCausalLM" in message  # what it could read
+
+
+def vicuna_tokenizer_files(folder) -> str:
+    """Vicuna's tokenizer files, as users put them beside CogVLM's published weights: `tokenizer.model` (here a
+    SentencePiece BPE trained on mixtune's small corpus, Llama's ids <unk> 0, <s> 1, </s> 2), `tokenizer_config.json`
+    and `special_tokens_map.json` as Vicuna publishes them; no tokenizer.json. Returns the model file."""
+    import sentencepiece as spm
+
+    from mixtune.models.tokenizer import _CORPUS
+
+    lines = _CORPUS.strip().splitlines() + ["Question: Answer: [INST] [/INST]"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, hard_vocab_limit=False)
+    os.remove(folder / "tokenizer.vocab")
+
+    def token(text):
+        return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"), "clean_up_tokenization_spaces": False,
+        "eos_token": token("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
+        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": token("<unk>")}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": token("<s>"), "eos_token": token("</s>"), "pad_token": "<unk>", "unk_token": token("<unk>")}))
+    return str(folder / "tokenizer.model")
+
+
+@pytest.mark.parametrize("name,model_type", [("cogvlm", None), ("cogagent", KEEP)])
+def test_a_published_folder_with_vicuna_tokenizer_files_loads(tiny_model_dir, tmp_path, name, model_type,
+                                                              monkeypatch):
+    """Weights + Vicuna's sentencepiece tokenizer files (no tokenizer.json): the processor's tokenizer encodes text
+    exactly as sentencepiece does, lays out a sample as published (BOS, image positions, prompt, reply, EOS) and the
+    model trains on it. Without a model_type, transformers' AutoConfig is never asked (it would match the folder's
+    name, or ask whether to run the remote code config.json's auto_map names)."""
+    import sentencepiece as spm
+    from transformers import AutoConfig
+
+    folder = plain_folder(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=vicuna_tokenizer_files(folder))
+    published_layout(tiny_model_dir(name), folder, model_type=model_type, tokenizer_files=())
+    asked = []
+    if model_type is None:
+        monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: asked.append(a) or 1 / 0)
+    family, model, processor, enc, _ = encoded(str(folder))
+    monkeypatch.undo()
+    assert asked == []
+    tok = processor.tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 0, sp.get_piece_size())
+    text = "Question: What colour is it? Answer: red"
+    if name == "cogagent":
+        text = "[INST] What colour is it? [/INST] red"
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    n = model.config.vision_tokens
+    assert enc.input_ids.tolist() == [1] + [0] * n + sp.encode(text) + [2]
+    assert enc.token_fields["token_type_ids"].tolist() == [0] + [1] * n + [0] * (len(sp.encode(text)) + 1)
+    trained = enc.labels[enc.labels != -100].tolist()
+    assert sp.decode(trained[:-1]).strip() == "red" and trained[-1] == 2
+    assert not os.path.exists(folder / "tokenizer.json")
+    if name == "cogvlm":
+        assert np.isfinite(train_one_step(tmp_path, str(folder), "out"))
