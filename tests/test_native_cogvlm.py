@@ -239,7 +239,8 @@ def test_cogagent_refuses_mixtoken_and_says_why(tiny_model_dir, tmp_path):
 KEEP = object()
 
 
-def published_layout(tiny: str, folder, model_type=KEEP, tokenizer_files=("tokenizer.json", "tokenizer_config.json")) -> str:
+def published_layout(tiny: str, folder, model_type=KEEP,
+                     tokenizer_files=("tokenizer.json", "tokenizer_config.json")) -> str:
     """The tiny checkpoint laid out as CogVLM / CogAgent is published: config with auto_map to remote code that is
     not there, weights, and the (Vicuna) tokenizer files the user puts beside them; no processor files, no chat
     template. `model_type` None drops the key from config.json, "" empties it (THUDM's remote-code config class
@@ -297,7 +298,7 @@ def test_saved_checkpoint_keeps_the_published_key_names(golden_model, tmp_path):
 
 
 def plain_folder(tmp_path):
-    """A folder whose path says nothing of CogVLM: transformers' fallback of matching the folder's name finds nothing."""
+    """A folder whose path says nothing of CogVLM: transformers' fallback (matching the folder's name) finds nothing."""
     folder = tmp_path / "published"
     folder.mkdir()
     assert "cog" not in str(folder).lower()
@@ -372,7 +373,8 @@ def vicuna_tokenizer_files(folder) -> str:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"), "clean_up_tokenization_spaces": False,
         "eos_token": token("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
-        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": token("<unk>")}))
+        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": token("<unk>")}))
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": token("<s>"), "eos_token": token("</s>"), "pad_token": "<unk>", "unk_token": token("<unk>")}))
     return str(folder / "tokenizer.model")
