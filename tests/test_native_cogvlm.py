@@ -390,6 +390,8 @@ def test_a_published_folder_with_vicuna_tokenizer_files_loads(tiny_model_dir, tm
     import sentencepiece as spm
     from transformers import AutoConfig
 
+    from mixtune.tools.merge_lora import load_processor
+
     folder = plain_folder(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=vicuna_tokenizer_files(folder))
     published_layout(tiny_model_dir(name), folder, model_type=model_type, tokenizer_files=())
@@ -397,6 +399,8 @@ def test_a_published_folder_with_vicuna_tokenizer_files_loads(tiny_model_dir, tm
     if model_type is None:
         monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: asked.append(a) or 1 / 0)
     family, model, processor, enc, _ = encoded(str(folder))
+    (tmp_path / "adapter").mkdir()  # an adapter saved without processor files: the base folder's processor
+    assert type(load_processor(str(tmp_path / "adapter"), str(folder))) is type(processor)
     monkeypatch.undo()
     assert asked == []
     tok = processor.tokenizer
