@@ -236,13 +236,18 @@ def test_cogagent_refuses_mixtoken_and_says_why(tiny_model_dir, tmp_path):
         load_config(write_config(tmp_path, tiny_model_dir("cogagent"), data, mixtoken=True))
 
 
-def published_layout(tiny: str, folder) -> str:
+KEEP = object()
+
+
+def published_layout(tiny: str, folder, model_type=KEEP,
+                     tokenizer_files=("tokenizer.json", "tokenizer_config.json")) -> str:
     """The tiny checkpoint laid out as CogVLM / CogAgent is published: config with auto_map to remote code that is
     not there, weights, and the (Vicuna) tokenizer files the user puts beside them; no processor files, no chat
-    template."""
+    template. `model_type` None drops the key from config.json, "" empties it (THUDM's remote-code config class
+    declares none)."""
     import shutil
 
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("model.safetensors", "generation_config.json") + tuple(tokenizer_files):
         shutil.copy(os.path.join(tiny, name), folder / name)
     with open(os.path.join(tiny, "config.json")) as f:
         config = json.load(f)
@@ -250,6 +255,10 @@ def published_layout(tiny: str, folder) -> str:
     config_class = "CogAgentConfig" if agent else "CogVLMConfig"
     config["auto_map"] = {"AutoConfig": f"configuration_{config['model_type']}.{config_class}",
                           "AutoModelForCausalLM": f"modeling_{config['model_type']}.{config['architectures'][0]}"}
+    if model_type is None:
+        del config["model_type"]
+    elif model_type is not KEEP:
+        config["model_type"] = model_type
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -286,3 +295,125 @@ def test_saved_checkpoint_keeps_the_published_key_names(golden_model, tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         saved = set(f.keys())
     assert saved == {n[2:] for n in golden(kind).files if n.startswith("w:")}
+
+
+def plain_folder(tmp_path):
+    """A folder whose path says nothing of CogVLM: transformers' fallback (matching the folder's name) finds nothing."""
+    folder = tmp_path / "published"
+    folder.mkdir()
+    assert "cog" not in str(folder).lower()
+    return folder
+
+
+def train_one_step(tmp_path, model_dir: str, out: str) -> float:
+    from conftest import red_image, write_config, write_json
+    from mixtune.config import load_config
+    from mixtune.train.run import train
+
+    data = write_json(tmp_path / "train.json", [{"image": red_image(tmp_path / "red.png"),
+                                                 "conversations": [["<image>Colour?", "red"]]}] * 2)
+    train(load_config(write_config(tmp_path, model_dir, data, output_dir=str(tmp_path / out), max_steps=1)))
+    with open(tmp_path / out / "metrics.json") as f:
+        return next(h["loss"] for h in json.load(f)["log_history"] if "loss" in h)
+
+
+@pytest.mark.parametrize("name,model_type", [("cogvlm", None), ("cogvlm", ""), ("cogagent", None),
+                                             ("cogagent", "")])
+def test_a_config_without_model_type_is_read_by_its_architectures(tiny_model_dir, tmp_path, name, model_type):
+    """THUDM's published config.json has no usable model_type (missing, or ""): the folder, named without "cog", loads
+    by its `architectures`, gives the logits of the same checkpoint with its model_type, trains a step with the same
+    loss, and saves a config.json that names the model_type."""
+    from mixtune.models.loading import load_model_and_processor
+
+    tiny = tiny_model_dir(name)
+    folder = published_layout(tiny, plain_folder(tmp_path), model_type=model_type)
+    family, model, processor = load_model_and_processor(folder)
+    _, reference, _ = load_model_and_processor(tiny)
+    assert family.name == name and type(model) is type(reference) and model.config.model_type == name
+    _, _, _, enc, _ = encoded(tiny)
+    batch = {"input_ids": enc.input_ids[None], "token_type_ids": enc.token_fields["token_type_ids"][None], **enc.media}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    if model_type is None:  # training reads the folder through the config and trainer paths too
+        assert train_one_step(tmp_path, folder, "out") == train_one_step(tmp_path, tiny, "ref")
+        with open(tmp_path / "out" / "config.json") as f:
+            assert json.load(f)["model_type"] == name
+
+
+def test_unknown_architectures_without_model_type_are_refused_in_one_line(tmp_path):
+    from mixtune.errors import MixtuneError
+    from mixtune.models.loading import load_model_and_processor
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SomeOtherForCausalLM"]}))
+    with pytest.raises(MixtuneError) as err:
+        load_model_and_processor(str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "config.json") in message and "SomeOtherForCausalLM" in message
+    assert "CogVLMForCausalLM" in message  # what it could read
+
+
+def vicuna_tokenizer_files(folder) -> str:
+    """Vicuna's tokenizer files, as users put them beside CogVLM's published weights: `tokenizer.model` (here a
+    SentencePiece BPE trained on mixtune's small corpus, Llama's ids <unk> 0, <s> 1, </s> 2), `tokenizer_config.json`
+    and `special_tokens_map.json` as Vicuna publishes them; no tokenizer.json. Returns the model file."""
+    import sentencepiece as spm
+
+    from mixtune.models.tokenizer import _CORPUS
+
+    lines = _CORPUS.strip().splitlines() + ["Question: Answer: [INST] [/INST]"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, hard_vocab_limit=False)
+    os.remove(folder / "tokenizer.vocab")
+
+    def token(text):
+        return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"), "clean_up_tokenization_spaces": False,
+        "eos_token": token("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
+        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": token("<unk>")}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": token("<s>"), "eos_token": token("</s>"), "pad_token": "<unk>", "unk_token": token("<unk>")}))
+    return str(folder / "tokenizer.model")
+
+
+@pytest.mark.parametrize("name,model_type", [("cogvlm", None), ("cogagent", KEEP)])
+def test_a_published_folder_with_vicuna_tokenizer_files_loads(tiny_model_dir, tmp_path, name, model_type,
+                                                              monkeypatch):
+    """Weights + Vicuna's sentencepiece tokenizer files (no tokenizer.json): the processor's tokenizer encodes text
+    exactly as sentencepiece does, lays out a sample as published (BOS, image positions, prompt, reply, EOS) and the
+    model trains on it. Without a model_type, transformers' AutoConfig is never asked (it would match the folder's
+    name, or ask whether to run the remote code config.json's auto_map names)."""
+    import sentencepiece as spm
+    from transformers import AutoConfig
+
+    from mixtune.tools.merge_lora import load_processor
+
+    folder = plain_folder(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=vicuna_tokenizer_files(folder))
+    published_layout(tiny_model_dir(name), folder, model_type=model_type, tokenizer_files=())
+    asked = []
+    if model_type is None:
+        monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: asked.append(a) or 1 / 0)
+    family, model, processor, enc, _ = encoded(str(folder))
+    (tmp_path / "adapter").mkdir()  # an adapter saved without processor files: the base folder's processor
+    assert type(load_processor(str(tmp_path / "adapter"), str(folder))) is type(processor)
+    monkeypatch.undo()
+    assert asked == []
+    tok = processor.tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 0, sp.get_piece_size())
+    text = "Question: What colour is it? Answer: red"
+    if name == "cogagent":
+        text = "[INST] What colour is it? [/INST] red"
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    n = model.config.vision_tokens
+    assert enc.input_ids.tolist() == [1] + [0] * n + sp.encode(text) + [2]
+    assert enc.token_fields["token_type_ids"].tolist() == [0] + [1] * n + [0] * (len(sp.encode(text)) + 1)
+    trained = enc.labels[enc.labels != -100].tolist()
+    assert sp.decode(trained[:-1]).strip() == "red" and trained[-1] == 2
+    assert not os.path.exists(folder / "tokenizer.json")
+    if name == "cogvlm":
+        assert np.isfinite(train_one_step(tmp_path, str(folder), "out"))

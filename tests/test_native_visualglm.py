@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import mixtune.native.visualglm  # noqa: F401  (registers model_type "chatglm" with transformers)
 
@@ -302,3 +302,24 @@ def test_later_chatglm_folders_are_refused_clearly(tmp_path):
                                                       "padded_vocab_size": 65024, "multi_query_attention": True}))
     with pytest.raises(MixtuneError, match="is ChatGLM2 / ChatGLM3 / GLM-4, which mixtune does not support"):
         load_model_and_processor(str(tmp_path))
+
+
+def test_a_text_only_chatglm_folder_is_refused_clearly(tiny_model_dir, tmp_path):
+    """ChatGLM-6B's own folder (model_type "chatglm", no `eva_config`: here the tiny checkpoint without its image
+    configs and image encoder weights) would otherwise load with a randomly initialised full-size image encoder (it does
+    without the check): one clear error instead, before any weights are read."""
+    from mixtune.errors import MixtuneError
+    from mixtune.models.loading import load_model_and_processor
+
+    folder = shutil.copytree(tiny_model_dir("visualglm"), tmp_path / "chatglm")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("eva_config", "qformer_config", "image_length"):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "model.safetensors"))
+    text_only = {k: v for k, v in weights.items() if not k.startswith("image_encoder.")}
+    save_file(text_only, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MixtuneError) as err:
+        load_model_and_processor(str(folder))
+    assert "\n" not in str(err.value) and "is a text-only ChatGLM-6B" in str(err.value)
+    assert "'eva_config'" in str(err.value)

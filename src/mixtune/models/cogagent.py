@@ -10,6 +10,7 @@ from dataclasses import replace
 from mixtune.models.cogvlm import COGAGENT_TEMPLATE, FAMILY as COGVLM, build_tiny_agent
 
 FAMILY = replace(COGVLM, name="cogagent", model_types=("cogagent",), build_tiny=build_tiny_agent,
+                 architectures=("CogAgentForCausalLM",),
                  pack_positions=None, default_chat_template=COGAGENT_TEMPLATE,
                  no_packing_reason="its cross-attention reads one high-resolution image per row, so the samples of "
                                    "a packed row would read each other's images")

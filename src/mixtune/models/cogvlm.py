@@ -118,6 +118,7 @@ FAMILY = Family(
     build_tiny=build_tiny,
     pack_positions=cogvlm_positions,
     auto_class="AutoModelForCausalLM",
+    architectures=("CogVLMForCausalLM",),  # the published config.json names no model_type
     default_chat_template=COGVLM_TEMPLATE,  # published folders ship none (their remote code builds prompts)
     refused_attn={"flash_attention_2": "CogVLM's port runs eager or SDPA attention with its own masks",
                   "flex_attention": "CogVLM's port runs eager or SDPA attention with its own masks"},

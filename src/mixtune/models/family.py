@@ -92,6 +92,9 @@ class Family:
     # Optional: checkpoint folder -> processor, where AutoProcessor would pick another family's (a claiming family
     # whose published folders ship no processor files). None: AutoProcessor.
     load_processor: Callable[[str], Any] | None = None
+    # config.json `architectures` names this family serves: read when a published config.json names no usable
+    # `model_type` (THUDM's CogVLM / CogAgent: their remote-code config class declares none)
+    architectures: tuple[str, ...] = ()
 
 
     @property

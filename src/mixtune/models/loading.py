@@ -6,6 +6,9 @@ saved one there; `merge_lora=True` folds the adapter in memory (inference: plain
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from mixtune.errors import MixtuneError
@@ -38,10 +41,14 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
         kwargs.update(load_kwargs(quantization, family))
     if tp_size > 1:  # tensor parallel: transformers splits the layers its tp_plan names across the ranks
         kwargs.update(tp_plan="auto", tp_size=tp_size)
+    config = config_from_architectures(model_name_or_path)
+    given = {} if config is None else {"config": config}
     try:
-        load_processor = family.load_processor or transformers.AutoProcessor.from_pretrained
-        processor = load_processor(model_name_or_path)
-        model = auto.from_pretrained(model_name_or_path, **kwargs)
+        if family.load_processor is not None:
+            processor = family.load_processor(model_name_or_path)
+        else:
+            processor = transformers.AutoProcessor.from_pretrained(model_name_or_path, **given)
+        model = auto.from_pretrained(model_name_or_path, **kwargs, **given)
     except OSError as e:
         raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
     if family.name == "grounding_dino":  # what peft asks for and transformers' GroundingDinoModel lacks
@@ -62,6 +69,28 @@ def model_class_of(family):
         return getattr(transformers, family.auto_class)
     module, _, name = family.auto_class.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def config_from_architectures(model_name_or_path: str):
+    """For a folder whose config.json names no `model_type` (THUDM's CogVLM / CogAgent: their remote-code config
+    class declares none), its config built by the config class of the model_type its `architectures` map to
+    (registry.model_type_of_architectures), so transformers never falls back to matching the folder's name.
+    None when config.json names its model_type: transformers' Auto classes read that themselves."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from mixtune.models.registry import read_model_type
+
+    config_path = os.path.join(model_name_or_path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        raw = json.load(f)
+    if raw.get("model_type") or not raw.get("architectures"):
+        return None
+    config_class = CONFIG_MAPPING[read_model_type(model_name_or_path)]
+    config_dict, _ = config_class.get_config_dict(model_name_or_path)
+    config_dict.pop("model_type", None)  # "" in some published files: the class's own model_type holds
+    return config_class.from_dict(config_dict)
 
 
 def _load_with_adapter(base: str | None, lora_path: str, attn_implementation, dtype, merge: bool):

@@ -78,9 +78,7 @@ def read_model_type(model_name_or_path: str) -> str:
         with open(config_path) as f:
             raw = json.load(f)
         model_type = raw.get("model_type") or ("timm" if "architecture" in raw else None)  # timm's own format
-        if not model_type:
-            raise MixtuneError(f"{config_path} has no 'model_type'")
-        return model_type
+        return model_type or model_type_of_architectures(raw.get("architectures"), config_path)
     from transformers import AutoConfig  # a hub id: only when the machine is online
 
     try:
@@ -88,6 +86,18 @@ def read_model_type(model_name_or_path: str) -> str:
     except Exception as e:
         raise MixtuneError(f"cannot load a config for '{model_name_or_path}': not a local folder, and the hub "
                            f"lookup failed ({type(e).__name__}: {e})") from None
+
+
+def model_type_of_architectures(architectures, config_path: str) -> str:
+    """The model_type of the family declaring one of `architectures` (`Family.architectures`), for a config.json
+    that names no model_type; a folder's name is never read."""
+    for fam in families(task=None):
+        for name in architectures or ():
+            if name in fam.architectures:
+                return fam.model_types[0]
+    known = sorted(a for fam in families(task=None) for a in fam.architectures)
+    raise MixtuneError(f"{config_path} has no 'model_type', and its architectures {list(architectures or [])} are not "
+                       f"ones mixtune can read instead (known: {', '.join(known)})")
 
 
 def family_for_checkpoint(model_name_or_path: str) -> Family:

@@ -35,7 +35,10 @@ def load_processor(lora_path: str, base: str):
 
     source = lora_path if any(os.path.isfile(os.path.join(lora_path, f)) for f in PROCESSOR_FILES) else base
     log.info("processor, tokenizer and chat template from %s", source)
-    return AutoProcessor.from_pretrained(source)
+    from mixtune.models.loading import config_from_architectures
+
+    config = config_from_architectures(source)  # a base whose config.json names no model_type (CogVLM)
+    return AutoProcessor.from_pretrained(source, **({} if config is None else {"config": config}))
 
 
 def load_adapter_model(base_model, lora_path: str):

@@ -52,8 +52,11 @@ class CogVLMProcessor(ProcessorMixin):
         processor from config.json and the folder's (Vicuna) tokenizer."""
         from transformers import AutoConfig, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(folder)
-        return cls(clip_image_processor(int(config.vision_config["image_size"])), AutoTokenizer.from_pretrained(folder),
+        from mixtune.models.loading import config_from_architectures
+
+        config = config_from_architectures(folder) or AutoConfig.from_pretrained(folder)  # published: no model_type
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # never the folder's remote-code config class
+        return cls(clip_image_processor(int(config.vision_config["image_size"])), tokenizer,
                    vision_tokens=config.vision_tokens, cross_image_size=getattr(config, "cross_image_size", None))
 
     @property

@@ -22,6 +22,8 @@ DEFAULT_EVA = {"num_layers": 39, "hidden_size": 1408, "num_attention_heads": 16,
 DEFAULT_QFORMER = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 32,
                    "layernorm_order": "post", "max_sequence_length": 0, "is_decoder": [True, False] * 6,
                    "cross_attn_hidden_size": 1408, "layernorm_epsilon": 1e-12}
+# keys only ChatGLM2 / ChatGLM3 / GLM-4 config files have
+LATER_GLM_KEYS = {"multi_query_attention", "padded_vocab_size", "apply_query_key_layer_scaling"}
 
 
 class ChatGLMConfig(PreTrainedConfig):
@@ -53,8 +55,17 @@ class ChatGLMConfig(PreTrainedConfig):
     qformer_config: dict | None = None
     image_length: int = 32
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # a config file being read (AutoConfig, from_pretrained); ChatGLMConfig() itself keeps its eva_config default
+        if "eva_config" not in config_dict and not set(config_dict) & LATER_GLM_KEYS:
+            raise MixtuneError("this config.json (model_type 'chatglm', no 'eva_config') is a text-only ChatGLM-6B, "
+                               "which mixtune does not support: its 'chatglm' port is VisualGLM-6B (ChatGLM-6B + "
+                               "BLIP-2), whose image encoder such a folder would leave randomly initialised")
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
-        later = sorted(set(kwargs) & {"multi_query_attention", "padded_vocab_size", "apply_query_key_layer_scaling"})
+        later = sorted(set(kwargs) & LATER_GLM_KEYS)
         if later:  # ChatGLM2 / ChatGLM3 / GLM-4 folders say "chatglm" too, but are another architecture
             raise MixtuneError(f"this config.json (with {', '.join(later)}) is ChatGLM2 / ChatGLM3 / GLM-4, which "
                              "mixtune does not support; its 'chatglm' port is VisualGLM-6B (ChatGLM-6B + BLIP-2)")
