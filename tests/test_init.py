@@ -39,7 +39,7 @@ def write_data(root, family) -> str:
             for i in range(2):
                 Image.new("RGB", (64, 64), rgb).save(os.path.join(root, "classes", name, f"{i}.png"))
         return os.path.join(root, "classes")
-    if family.task == "segmentation":  # a COCO instances JSON with masks (the demo's synthetic shapes)
+    if family.task in ("segmentation", "detection"):  # a COCO instances JSON with boxes and masks (synthetic shapes)
         from mixtune.tools.seg_demo import make_shapes_coco
 
         return make_shapes_coco(root, "shapes", 2)
