@@ -3,9 +3,10 @@ model and data paths: each trains 2 steps on the matching tiny family, or fails 
 carries the fix to paste; after pasting it, it trains.
 
 The harness changes paths (model_name_or_path, data_files, output_dir) and adds `max_steps: 2` so that every
-config stops after 2 optimizer steps. VisualGLM and InternLM-XComposer2 have no transformers family: they run
-on the closest tiny one (VisualGLM: BLIP-2's ViT + Q-Former; XComposer2: LLaVA's CLIP ViT + projector + LLM).
-Qwen-VL's run on mixtune's native Qwen-VL port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
+config stops after 2 optimizer steps. VisualGLM's run unchanged on mixtune's native VisualGLM-6B port
+(mixtune.native.visualglm), and on BLIP-2's tiny ViT + Q-Former + OPT after pasting fixes. InternLM-XComposer2 has
+no transformers family: it runs on LLaVA's CLIP ViT + projector + LLM. Qwen-VL's run on mixtune's native Qwen-VL
+port (mixtune.native.qwen_vl) unchanged, and on Qwen2-VL
 after pasting the renames the messages give; BLIP-2's OPT on the tiny OPT, InternVL2 on the
 transformers-native InternVL.
 """
@@ -128,8 +129,13 @@ SHIPPED = {
     "blip2/lora_sft_argument.json": ("blip-2", BLIP2_LORA, [
         {"lora_target_modules": ["language_model.model.decoder.layers.*.self_attn.q_proj.*",
                                  "language_model.model.decoder.layers.*.self_attn.v_proj.*"]}]),
-    "visualglm/sft_argument.json": ("blip-2", VISUALGLM_SFT, [{"mixtoken": False}]),
-    "visualglm/lora_sft_argument.json": ("blip-2", VISUALGLM_LORA, [
+    # on mixtune's native VisualGLM-6B port: PaddleMIX's names are read through the port's name map (MixToken
+    # packs exactly), so nothing to paste
+    "visualglm/sft_argument.json": ("visualglm", VISUALGLM_SFT, []),
+    "visualglm/lora_sft_argument.json": ("visualglm", VISUALGLM_LORA, []),
+    # the same configs on BLIP-2's tiny ViT + Q-Former + OPT
+    "visualglm/sft_argument.json@blip-2": ("blip-2", VISUALGLM_SFT, [{"mixtoken": False}]),
+    "visualglm/lora_sft_argument.json@blip-2": ("blip-2", VISUALGLM_LORA, [
         {"mixtoken": False},
         {"lora_target_modules": [".*language_model.*self_attn.(q_proj|k_proj|v_proj).*", ".*dense.*",
                                  ".*language_model.*fc1", ".*language_model.*fc2"]}]),
@@ -207,7 +213,8 @@ TRAINED_PARTS = {
     "qwen_vl/sft_argument.json": {"projector", "language"},  # ViT frozen, its attn_pool resampler trains
     "qwen_vl/sft_argument.json@qwen2_vl": {"projector", "language"},  # vision tower frozen, its merger trains
     "internlm_xcomposer2/sft_argument.json": {"vision", "projector", "language"},
-    "visualglm/sft_argument.json": {"projector", "language"},
+    "visualglm/sft_argument.json": {"projector", "language"},  # ViT frozen; Q-Former, glm_proj and ChatGLM train
+    "visualglm/sft_argument.json@blip-2": {"projector", "language"},
     "llava/v1_5/sft_argument.json": {"vision", "projector", "language"},
 }
 

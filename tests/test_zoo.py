@@ -32,9 +32,12 @@ FAMILIES = [f.name for f in families()]
 END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
-               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>"}
+               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}}
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"}}
+# Families that train one reply per sample (PaliGemma's prefix/suffix; VisualGLM's GLM prompt, which is attended
+# both ways, so earlier replies are prompt: tests/test_native_visualglm.py checks that)
+ONE_REPLY = ("paligemma", "visualglm")
 
 
 def conversation(reply="red", second=("And the shape?", "a round circle"), kind="image"):
@@ -106,7 +109,7 @@ def test_family(tiny_model_dir, tmp_path, name):
     kind, (red, blue, third) = media_for(fam)
 
     # labels: exactly each reply plus the end-of-turn marker
-    multi_turn = fam.name != "paligemma"  # PaliGemma's prefix/suffix format has one reply per sample
+    multi_turn = fam.name not in ONE_REPLY
     enc = encode(conversation(second=("And the shape?", "a round circle") if multi_turn else None, kind=kind), [red])
     eot = END_OF_TURN.get(fam.name, "<|im_end|>")
     expected = [f"red{eot}", f"a round circle{eot}"] if multi_turn else [f"red{eot}"]

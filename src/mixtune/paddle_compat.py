@@ -335,3 +335,39 @@ def with_paddle_name_hint(error: ConfigError, model, family, mix) -> ConfigError
         return error
     message = str(error).removeprefix(f"config key '{error.key}': ")
     return ConfigError(message + hint, key=error.key)
+
+
+def read_as_paddlemix(model, family, mix) -> list[str]:
+    """For a native port that keeps the published names where PaddleMIX renamed (`Family.paddle_names`): each
+    freeze glob and LoRA regex that selects something among PaddleMIX's names, and not the same thing among ours, is
+    replaced by exactly what it selects there, so a PaddleMIX config trains the same modules. Notes for the log."""
+    from mixtune.train.lora import exact_regex
+
+    if family.paddle_names is None:
+        return []
+    params = [n for n, _ in model.named_parameters()]
+    modules = [n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
+    notes = []
+    for key in (*FREEZE_KEYS, *REGEX_KEYS):
+        value = getattr(mix, key, None)
+        patterns = [value] if isinstance(value, str) else list(value or [])
+        regex = key in REGEX_KEYS
+        names = modules if regex else params
+        out, changed = [], False
+        for pattern in patterns:
+            if regex and (pattern == "all-linear" or pattern in family.named_parts()):
+                out.append(pattern)
+                continue
+            ours = [n for n in names if _matches(pattern, [n], regex)]
+            theirs = [n for n in names if any(_matches(pattern, [p], regex) for p in family.paddle_names(n))]
+            if not theirs or theirs == ours:
+                out.append(pattern)
+                continue
+            out.extend([exact_regex(theirs, names)] if regex else theirs)
+            changed = True
+            notes.append(f"{key} '{pattern}' read with PaddleMIX's {family.name} names: {len(theirs)} "
+                         f"{'modules' if regex else 'parameters'} (with the published names it would select "
+                         f"{len(ours)})")
+        if changed:
+            setattr(mix, key, out)
+    return notes

@@ -81,6 +81,9 @@ class Family:
     parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # False where `lora: true` is refused (a reason in the family's task module); list-models shows it
     supports_lora: bool = True
+    # Native ports that keep the published names where PaddleMIX renamed modules: our parameter / module name ->
+    # PaddleMIX's name(s); PaddleMIX's freeze globs and LoRA regexes are then read over those (paddle_compat)
+    paddle_names: Callable[[str], tuple[str, ...]] | None = None
 
 
     @property

@@ -6,3 +6,4 @@ Importing a port's package registers it; `mixtune.models.registry` imports them 
 """
 
 from mixtune.native import qwen_vl  # noqa: E402,F401  (registers model_type "qwen")
+from mixtune.native import visualglm  # noqa: E402,F401  (registers model_type "chatglm")

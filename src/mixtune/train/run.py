@@ -11,7 +11,7 @@ from mixtune.data.badsamples import summary as skip_summary
 from mixtune.data.badsamples import write_report
 from mixtune.data.mix import check_persistent_workers, epoch_callback
 from mixtune.errors import ConfigError
-from mixtune.paddle_compat import with_paddle_name_hint
+from mixtune.paddle_compat import read_as_paddlemix, with_paddle_name_hint
 from mixtune.train.checkpoints import STAGING, incomplete_reason, newest_complete_checkpoint, recover_staged
 from mixtune.train.distributed import is_main_process, join_deepspeed, main_process_first, split_parameters
 from mixtune.train.freeze import apply_freeze, requested_parts, trainable_summary
@@ -90,7 +90,7 @@ def build_trainer(config: Config):
     if mix.tensor_parallel_degree > 1:
         log.info("tensor parallel: %d of %d weight tensors split across %d ranks", *split_parameters(model),
                  mix.tensor_parallel_degree)
-    for note in config.notes:
+    for note in config.notes + read_as_paddlemix(model, family, mix):
         log.info("config: %s", note)
     try:
         if mix.lora:  # peft freezes the base; the freeze globs then apply over the same names (train/lora.py)
