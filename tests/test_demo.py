@@ -7,7 +7,7 @@ from mixtune.tools.demo import run_demo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,mixtoken", [("qwen2_vl", False), ("llava", False), ("internvl", False),
-                                             ("qwen2_vl", True), ("qwen_vl", False)])
+                                             ("cogvlm", False), ("qwen2_vl", True), ("qwen_vl", False)])
 def test_demo_learns(tmp_path, family, mixtoken):
     report = run_demo(family, str(tmp_path / "demo"), mixtoken=mixtoken)
     assert report["accuracy_before"] < report["chance_accuracy"]

@@ -187,11 +187,11 @@ def test_results_keep_the_coco_files_own_ids(tmp_path, shapes):
 def detection_config(tmp_path, gd_dir, shapes, **overrides):
     from mixtune.config import load_config
 
+    keys = dict(per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3, max_steps=12,
+                logging_steps=1, save_strategy="no", max_grad_norm=0.1)
     path = write_config(tmp_path, gd_dir, shapes[0], dataset={
         "train": [{"name": "coco_detection", "data_files": shapes[0]}],
-        "eval": [{"name": "coco_detection", "data_files": shapes[1]}]},
-        per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3, max_steps=12,
-        logging_steps=1, save_strategy="no", max_grad_norm=0.1, **overrides)
+        "eval": [{"name": "coco_detection", "data_files": shapes[1]}]}, **{**keys, **overrides})
     return load_config(path)
 
 
@@ -215,6 +215,42 @@ def test_loss_falls_and_the_saved_model_reloads_equal(tmp_path, gd_dir, shapes):
     with torch.no_grad():
         a, b = model(**batch), reloaded(**batch)
     assert torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(a.logits, b.logits)
+
+
+def test_lora_trains_adapters_only_and_merging_equals_the_adapter(tmp_path, gd_dir, shapes):
+    """peft wraps Grounding DINO once the model exposes its text embeddings: the default targets are the
+    encoder / decoder linears, only adapters train (loss falls, base weights untouched), the saved adapter
+    reloads onto the base with equal outputs, and merging it changes nothing either."""
+    from transformers import GroundingDinoForObjectDetection
+
+    from mixtune.models.loading import load_model_and_processor
+    from mixtune.train.run import build_trainer
+
+    trainer = build_trainer(detection_config(tmp_path, gd_dir, shapes, lora=True, lora_rank=8, lora_alpha=16,
+                                             learning_rate=3e-3))
+    model = trainer.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".encoder.layers.0." in n for n in trainable) and any(".decoder.layers.1." in n for n in trainable)
+    assert not any("backbone" in n or "text_backbone" in n for n in trainable)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    out = str(tmp_path / "adapter")
+    trainer.save_final(out)
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    batch = trainer.data_collator.inputs([trainer.eval_dataset[i] for i in range(3)], with_labels=False)
+    _, reloaded, _ = load_model_and_processor(gd_dir, lora_path=out)
+    _, merged, _ = load_model_and_processor(gd_dir, lora_path=out, merge_lora=True)
+    plain = GroundingDinoForObjectDetection.from_pretrained(gd_dir).eval()
+    with torch.no_grad():
+        a, b, c, d = (m.eval()(**batch) for m in (model, reloaded, merged, plain))
+    assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-6)
+    assert torch.allclose(a.logits, c.logits, atol=1e-4) and torch.allclose(a.pred_boxes, c.pred_boxes, atol=1e-5)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (a.pred_boxes - d.pred_boxes).abs().max() > 1e-3  # the adapters did change the model
 
 
 def test_freeze_text_encoder_freezes_bert_only(tmp_path, gd_dir, shapes):
@@ -258,6 +294,37 @@ def test_predict_writes_coco_results_and_drawn_pictures(tmp_path, gd_dir, shapes
     scale = 384 // 96  # small pictures are enlarged for reading
     enlarged = np.asarray(Image.fromarray(original).resize((96 * scale, 96 * scale), Image.NEAREST))
     assert picture.shape == enlarged.shape and (picture != enlarged).any()  # boxes drawn over it
+
+
+def test_class_nms_drops_only_same_phrase_overlaps():
+    from mixtune.tasks.detection import class_nms
+
+    boxes = [[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 5, 5]]  # IoU of the first two: 81/119
+    detection = (boxes, [0, 0, 1, 0], [0.9, 0.8, 0.7, 0.6])
+    kept_boxes, phrases, scores = class_nms(detection, 0.5)
+    assert scores == [0.9, 0.7, 0.6] and phrases == [0, 1, 0] and kept_boxes == [boxes[0], boxes[2], boxes[3]]
+    assert class_nms(detection, 0.7)[2] == [0.9, 0.8, 0.7, 0.6]  # 0.68 is under 0.7: all kept
+    assert class_nms(([], [], []), 0.5) == ([], [], [])
+
+
+def test_predict_nms_iou_reaches_class_nms(tmp_path, gd_dir, shapes, monkeypatch):
+    """The tiny untrained model's boxes barely overlap, so the wiring is checked with a stand-in NMS that keeps
+    each image's best detection (class_nms itself: the test above)."""
+    import mixtune.tasks.detection as detection
+    from mixtune.cli import main
+
+    calls = []
+
+    def best_only(det, iou):
+        calls.append(iou)
+        return [det[0][0]], [det[1][0]], [det[2][0]]
+
+    monkeypatch.setattr(detection, "class_nms", best_only)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", gd_dir, "--data_files", shapes[1], "--name", "coco_detection",
+                 "--output_dir", str(out), "--nms_iou", "0.3"]) == 0
+    results = json.load(open(out / "predictions.json"))
+    assert calls == [0.3] * 6 and len(results) == 6
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------------------

@@ -32,9 +32,12 @@ FAMILIES = [f.name for f in families()]
 END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "llava_next_video": "</s>", "gemma3": "<end_of_turn>",
                "mllama": "<|eot_id|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "paligemma": "<eos>",
-               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>"}
+               "glm4v": "<|endoftext|>", "blip-2": "</s>", "instructblip": "</s>", "visualglm": "<eop>",
+               "cogvlm": "</s>", "cogagent": "</s>"}
 # Attention projections LoRA must wrap by default, where a family's names are not q_proj / v_proj.
-LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"}}
+LORA_KINDS = {"qwen_vl": {"c_attn", "w1"}, "visualglm": {"query_key_value", "dense_h_to_4h"},
+              **{name: {"language_expert_query_key_value", "vision_expert_query_key_value", "gate_proj"}
+                 for name in ("cogvlm", "cogagent")}}
 # Families that train one reply per sample (PaliGemma's prefix/suffix; VisualGLM's GLM prompt, which is attended
 # both ways, so earlier replies are prompt: tests/test_native_visualglm.py checks that)
 ONE_REPLY = ("paligemma", "visualglm")

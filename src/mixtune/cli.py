@@ -99,7 +99,7 @@ TASK_DEMOS = {
     "dpo": TaskDemo("pref_demo", "run_pref_demo", takes_task=True),  # after the chat demo's SFT, in its folder
     "grpo": TaskDemo("pref_demo", "run_pref_demo", takes_task=True),
     "segmentation": TaskDemo("seg_demo", "run_segmentation_demo", "runs/demo_segmentation"),  # tiny SAM
-    "detection": TaskDemo("detection_demo", "run_detection_demo", "runs/demo_detection"),  # tiny Grounding DINO
+    "detection": TaskDemo("detection_demo", "run_detection_demo", "runs/demo_detection"),  # tiny GD / YOLO-World
     "text_to_audio": TaskDemo("audio_demo", "run_audio_demo", "runs/demo_audio"),  # tiny AudioLDM2, tone pitch
 }
 
@@ -111,8 +111,11 @@ def cmd_demo(args, extra) -> int:
     if args.task != "chat":
         demo = TASK_DEMOS[args.task]
         run = getattr(importlib.import_module(f"mixtune.tools.{demo.module}"), demo.function)
-        out = demo.own_dir if demo.own_dir and args.output_dir == "runs/demo" else args.output_dir
-        print(json.dumps(run(*[args.task] * demo.takes_task, out, parse_overrides(extra)), indent=1))
+        # the detection demo trains either detector family (Grounding DINO unless --family names the other)
+        kwargs = {"family": args.family} if args.task == "detection" and args.family in ("yolo_world",) else {}
+        own = "runs/demo_yolo_world" if kwargs else demo.own_dir
+        out = own if own and args.output_dir == "runs/demo" else args.output_dir
+        print(json.dumps(run(*[args.task] * demo.takes_task, out, parse_overrides(extra), **kwargs), indent=1))
         return 0
     if args.video:
         from mixtune.tools.video_demo import run_video_demo
@@ -179,7 +182,7 @@ def cmd_predict(args, extra) -> int:
         from mixtune.infer.detection_predict import predict_detection
 
         print(json.dumps(predict_detection(model, entries, args.output_dir, args.draw, args.batch_size,
-                                           args.threshold, lora), indent=1))
+                                           args.threshold, lora, args.nms_iou), indent=1))
         return 0
     items = read_prompts(entries)
     engine = Engine.load(model, lora, args.dtype, chat_template=args.chat_template)
@@ -309,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["chat", *TASK_DEMOS],
                    help="contrastive: tiny CLIP, retrieval recall; classification: tiny EVA02 (timm), top-1; "
                         "dpo / grpo: preference / RL tuning of the chat demo's model; "
-                        "segmentation: tiny SAM, box prompts, mIoU; detection: tiny Grounding DINO, COCO AP50; "
+                        "segmentation: tiny SAM, box prompts, mIoU; "
+                        "detection: tiny Grounding DINO (--family yolo_world: tiny YOLO-World), COCO AP50; "
                         "text_to_audio: tiny AudioLDM2, pitch of tones")
     p.set_defaults(func=cmd_demo, extra_ok=True)
 
@@ -326,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", action="store_true", help="detection / segmentation: also write PNGs with the "
                    "predictions drawn (output_dir/drawn/)")
     p.add_argument("--threshold", type=float, default=0.3, help="with --draw: the lowest score drawn")
+    p.add_argument("--nms_iou", type=float, default=None, help="detection: class-wise NMS at this IoU (Grounding "
+                   "DINO: none by default, it is trained NMS-free; YOLO-World: its own NMS, default 0.7)")
     add_generation_args(p)
     p.set_defaults(func=cmd_predict)
 

@@ -379,6 +379,9 @@ def check_mixtoken(mix: MixtuneArgs) -> None:
     from mixtune.models.registry import family_for_checkpoint
 
     family = family_for_checkpoint(mix.model_name_or_path)
+    if family.pack_positions is None and family.no_packing_reason:
+        raise ConfigError(f"the {family.name} family cannot pack samples: {family.no_packing_reason}; "
+                          "set mixtoken: false", key="mixtoken")
     if family.pack_positions is None:
         raise ConfigError(f"the {family.name} family cannot pack samples with exact attention isolation yet "
                           "(it has no `pack_positions` hook); set mixtoken: false", key="mixtoken")

@@ -4,6 +4,7 @@ with the boxes over `threshold` drawn, labelled and scored."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -41,19 +42,30 @@ def read_entries(entries) -> list:
 
 @torch.no_grad()
 def predict_detection(model_dir: str, entries, output_dir: str, draw: bool = False, batch_size: int = 8,
-                      threshold: float = 0.3, lora_path: str | None = None) -> dict:
+                      threshold: float = 0.3, lora_path: str | None = None, nms_iou: float | None = None) -> dict:
+    """`nms_iou`: Grounding DINO: class-wise NMS at that IoU (default none: tasks/detection.py's class_nms);
+    YOLO-World: the IoU of its own NMS (default 0.7, ultralytics')."""
     from mixtune.data.dataset import DatasetEntry
     from mixtune.infer.coco_eval import box_map, coco_ground_truth
-    from mixtune.tasks.detection import DetectionCollator, coco_records, detect
+    from mixtune.models.registry import family_for_checkpoint
+    from mixtune.tasks.detection import DetectionCollator, class_nms, coco_records, detect
 
     if isinstance(entries, dict):  # one raw entry (the demo's)
         entries = [DatasetEntry.from_config(entries, os.getcwd(), "--dataset")]
-    model, processor = load_detector(model_dir, lora_path)
-    collator = DetectionCollator(processor)
     items = read_entries(entries)
+    if family_for_checkpoint(model_dir).name == "yolo_world":  # ultralytics' model (tasks/yolo_world.py)
+        from mixtune.tasks.yolo_world import world_detector
+
+        model, collator, detect = world_detector(model_dir, items, lora_path)
+        detect = functools.partial(detect, iou=nms_iou) if nms_iou is not None else detect
+    else:
+        model, processor = load_detector(model_dir, lora_path)
+        collator = DetectionCollator(processor)
     detections = []
     for start in range(0, len(items), batch_size):
         detections += detect(model, collator, items[start: start + batch_size])
+    if nms_iou is not None and family_for_checkpoint(model_dir).name != "yolo_world":
+        detections = [class_nms(d, nms_iou) for d in detections]
     samples = [it["sample"] for it in items]
     images, annotations, results, categories = coco_records(samples, detections)
     os.makedirs(output_dir, exist_ok=True)

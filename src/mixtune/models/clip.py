@@ -26,7 +26,7 @@ def bos_eos_tokenizer(special: list[str], bos: str, eos: str, pad: str, unk: str
     return tok
 
 
-def build_tiny(output_dir: str) -> str:
+def build_tiny(output_dir: str, projection_dim: int = 32) -> str:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     seeded()
@@ -39,7 +39,7 @@ def build_tiny(output_dir: str) -> str:
         text_config=dict(**TOWER_SIZES, vocab_size=len(tok), max_position_embeddings=TEXT_LENGTH,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=dict(**TOWER_SIZES, image_size=IMAGE_SIZE, patch_size=PATCH),
-        projection_dim=32)
+        projection_dim=projection_dim)
     return save_checkpoint(CLIPModel(config), processor, output_dir)
 
 

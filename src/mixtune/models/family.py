@@ -59,6 +59,8 @@ class Family:
     # rows concatenate them; positions restarting at 0 are what keep samples apart. None: the family
     # cannot pack exactly, and `mixtoken: true` is refused when the config is read.
     pack_positions: Callable[[Any, Any], Any] | None = None
+    # Why the family cannot pack, when it is not a missing hook but the architecture (said when mixtoken is refused).
+    no_packing_reason: str | None = None
     # transformers Auto class that loads the full model.
     auto_class: str = "AutoModelForImageTextToText"
     # How ms-swift grounding data (`<ref-object>` / `<bbox>` + `objects`) is written for this model: its markup

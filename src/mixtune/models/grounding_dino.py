@@ -67,6 +67,22 @@ def build_tiny(output_dir: str) -> str:
     return save_checkpoint(model, processor, output_dir)
 
 
+def expose_text_embeddings(model) -> None:
+    """Gives transformers' GroundingDinoModel the `get_input_embeddings` it lacks (its BERT's word embeddings, the
+    model's only input embeddings): peft asks for it to look for weights tied to them (there are none) and
+    otherwise stops. Bound to the instance, so deep copies and peft wrappers keep it."""
+    import types
+
+    base = getattr(model, "model", model)
+    if type(base).__name__ == "GroundingDinoModel":
+        base.get_input_embeddings = types.MethodType(lambda self: self.text_backbone.get_input_embeddings(), base)
+
+
+# default LoRA targets: the encoder's and decoder's attention, fusion and feed-forward linears (not the deformable
+# attention's sampling offsets and weights, not the backbone, BERT or the box head)
+LORA_TARGETS = (r"model\.(encoder|decoder)\.layers\.\d+\.(.+\.)?(query|key|value|out_proj|value_proj|output_proj|"
+                r"vision_proj|text_proj|values_vision_proj|values_text_proj|out_vision_proj|out_text_proj|fc1|fc2)")
+
 BACKBONE = ("model.backbone.*", "model.input_proj_vision.*")
 TEXT_ENCODER = ("model.text_backbone.*", "model.text_projection.*")
 ENCODER_DECODER = ("*",)
@@ -86,7 +102,6 @@ FAMILY = Family(
     requires=("scipy", "pycocotools"),  # the loss's Hungarian matcher; COCO mAP (pip install 'mixtune[detection]')
     auto_class="GroundingDinoForObjectDetection",
     task="detection",
-    # peft stops in transformers: GroundingDinoModel has no get_input_embeddings (peft looks for tied weights)
-    supports_lora=False,
+    lora_targets=LORA_TARGETS,  # peft needs expose_text_embeddings (models/loading.py calls it)
     parts=(("backbone", BACKBONE), ("text_encoder", TEXT_ENCODER), ("encoder_decoder", ENCODER_DECODER)),
 )

@@ -11,11 +11,11 @@ from mixtune.models.family import Family
 
 FAMILY_MODULES = [
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen_vl", "llava", "llava_next", "llava_next_video", "llava_onevision",
-    "internvl", "visualglm",
+    "internvl", "visualglm", "cogvlm", "cogagent",
     "blip_2", "instructblip", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama", "glm4v", "qwen2_audio",
     "clip", "siglip", "siglip2", "open_clip_family", "coca", "timm_classifier",  # contrastive, classification
     "sam",  # segmentation
-    "grounding_dino",  # detection
+    "grounding_dino", "yolo_world",  # detection
     "audioldm2",  # text_to_audio (a diffusers pipeline folder)
 ]
 
@@ -115,4 +115,5 @@ def support_table() -> str:
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows) + \
         "\n(SFT, LoRA, generation: checked for every chat family by tests/test_zoo.py on a tiny checkpoint; " \
         "contrastive and classification families by tests/test_tasks.py; sam by tests/test_segmentation.py; " \
-        "grounding_dino by tests/test_detection.py; audioldm2 by tests/test_text_to_audio.py)"
+        "grounding_dino by tests/test_detection.py; yolo_world by tests/test_yolo_world.py; " \
+        "audioldm2 by tests/test_text_to_audio.py)"

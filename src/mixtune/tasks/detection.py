@@ -28,10 +28,13 @@ TOP_K = 100  # detections kept per image for COCO eval (COCO's own maxDets)
 def load(mix, family, **_):
     from mixtune.models.loading import load_model_and_processor
 
+    if family.name == "yolo_world":  # ultralytics' model and loss (tasks/yolo_world.py)
+        from mixtune.tasks.yolo_world import load as load_yolo_world
+
+        return load_yolo_world(mix, family)
+
     if mix.lora and not family.supports_lora:
-        raise ConfigError(f"LoRA on {family.name} is not supported yet (peft needs the model's input embeddings, "
-                          "which transformers' GroundingDinoModel does not expose); train fully, or freeze parts "
-                          "(freeze_backbone, freeze_text_encoder)", key="lora")
+        raise ConfigError(f"LoRA on {family.name} is not supported; train fully, or freeze parts", key="lora")
     _, model, processor = load_model_and_processor(mix.model_name_or_path, mix.attn_implementation)
     return model, processor
 
@@ -102,6 +105,10 @@ def check_prompts(datasets, tokenizer, max_text_len: int) -> None:
 
 
 def build_data(config, family, model, processor) -> TaskData:
+    if family.name == "yolo_world":
+        from mixtune.tasks.yolo_world import build_data as build_yolo_world_data
+
+        return build_yolo_world_data(config, family, model, processor)
     prep = DetectionPrep()
     train = build_sample_split(config, "train", read_samples, prep, "detection", reads="detection")
     if train is None:
@@ -144,6 +151,22 @@ def decode_detections(logits, pred_boxes, input_ids, sizes: list[tuple[int, int]
         xywh = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height], -1)
         out.append((xywh.tolist(), phrases.tolist(), best.values.float().tolist()))
     return out
+
+
+def class_nms(detection: tuple, iou: float) -> tuple:
+    """One image's detections (see decode_detections) after class-wise NMS (torchvision's batched_nms): of two
+    boxes of the same phrase overlapping above `iou`, the lower-scored goes; other phrases' boxes never compete.
+    Off by default for Grounding DINO: its one-to-one Hungarian training makes it NMS-free by design, and its
+    published COCO figures use none; a lower `iou` tidies drawn pictures of an undertrained model."""
+    from torchvision.ops import batched_nms
+
+    boxes, phrases, scores = detection
+    if not boxes:
+        return detection
+    xywh = torch.tensor(boxes, dtype=torch.float32)
+    xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], -1)
+    keep = batched_nms(xyxy, torch.tensor(scores), torch.tensor(phrases), iou).tolist()  # by score, descending
+    return [boxes[i] for i in keep], [phrases[i] for i in keep], [scores[i] for i in keep]
 
 
 @torch.no_grad()
@@ -190,29 +213,32 @@ def coco_records(samples, detections) -> tuple[list, list, list, list]:
     return images, annotations, results, [{"id": i, "name": p} for i, p in categories.items()]
 
 
-def detect_all(model, dataset, collator: DetectionCollator, batch_size: int = 8, top_k: int = TOP_K):
-    """(samples, detections) over a prepared dataset, in order."""
+def detect_all(model, dataset, collator, batch_size: int = 8, top_k: int = TOP_K, detect_fn=None):
+    """(samples, detections) over a prepared dataset, in order; `detect_fn`: the family's detect (this
+    module's, for Grounding DINO, by default)."""
     was_training = model.training
     model.eval()
     samples, detections = [], []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         samples += [it["sample"] for it in items]
-        detections += detect(model, collator, items, top_k)
+        detections += (detect_fn or detect)(model, collator, items, top_k)
     model.train(was_training)
     return samples, detections
 
 
-def box_metrics(model, dataset, collator: DetectionCollator, batch_size: int = 8) -> dict[str, float]:
+def box_metrics(model, dataset, collator, batch_size: int = 8, detect_fn=None) -> dict[str, float]:
     """COCO mAP, AP50, AP75 of the model's detections on a prepared dataset."""
     from mixtune.infer.coco_eval import box_map, coco_ground_truth
 
-    images, annotations, results, categories = coco_records(*detect_all(model, dataset, collator, batch_size))
+    detected = detect_all(model, dataset, collator, batch_size, detect_fn=detect_fn)
+    images, annotations, results, categories = coco_records(*detected)
     return box_map(coco_ground_truth(images, annotations, categories), results)
 
 
 class DetectionTrainer(MixTrainer):
     """The model's own loss; evaluation adds COCO box mAP, AP50 and AP75 (eval_map, eval_map_50, ...)."""
+    detect_fn = None  # the family's detect(model, collator, items, top_k); None: Grounding DINO's
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # the eval loss only: the targets are a list of dicts, which the Trainer cannot gather as labels
@@ -226,7 +252,8 @@ class DetectionTrainer(MixTrainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if isinstance(dataset, dict):  # the Trainer evaluated each entry through this method
             return metrics
-        scores = box_metrics(self.model, dataset, self.data_collator, self.args.per_device_eval_batch_size)
+        scores = box_metrics(self.model, dataset, self.data_collator, self.args.per_device_eval_batch_size,
+                             detect_fn=self.detect_fn)
         scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
         self.log(scores)
         metrics.update(scores)

@@ -145,15 +145,16 @@ def detection_starter(family, lora: bool, mixtoken: bool) -> list[str]:
              "      # image_root: train2017",
              "  # eval:    # adds eval_map, eval_map_50, eval_map_75 (COCO box mAP)",
              "  #   - name: coco_detection", "  #     data_files: instances_val.json",
-             "", f"output_dir: output/{family.name}_detection",
+             "", f"output_dir: output/{family.name}_{'lora' if lora else 'detection'}",
              "per_device_train_batch_size: 4",
              "num_train_epochs: 12",
-             "learning_rate: 1.0e-04",
              "weight_decay: 1.0e-04",
              "max_grad_norm: 0.1",
              *PRECISION_LOG_SAVE,
              ""]
-    return lines + parts_lines(family, ("text_encoder",))  # BERT kept as released
+    if lora:  # Grounding DINO: adapters on the encoder / decoder linears (models/grounding_dino.py)
+        return lines + lora_lines(family, "1.0e-04")
+    return lines + ["learning_rate: 1.0e-04", *parts_lines(family, ("text_encoder",))]  # BERT kept as released
 
 
 def text_to_audio_starter(family, lora: bool, mixtoken: bool) -> list[str]:
