@@ -11,15 +11,17 @@ from __future__ import annotations
 from mixtune.models.family import Family
 from mixtune.models.tiny import save_checkpoint, seeded
 
-# tiny SAM: 64-pixel padded images in 8-pixel patches (an 8x8 embedding), 32x32 predicted masks
-TINY_IMAGE_SIZE, TINY_PATCH = 64, 8
+# tiny SAM: 64-pixel padded images in 4-pixel patches (a 16x16 embedding), 64x64 predicted masks. Patches of 8
+# (an 8x8 embedding, 32x32 masks) left the demo's held-out mIoU at 0.749 after 30 epochs; patches of 4 reach 0.8
+# by epoch 21 (measured, seg_demo.py)
+TINY_IMAGE_SIZE, TINY_PATCH = 64, 4
 TINY_WIDTH = 32
 
 
-def tiny_processor(image_size: int = TINY_IMAGE_SIZE):
+def tiny_processor(image_size: int = TINY_IMAGE_SIZE, patch: int = TINY_PATCH):
     from transformers import SamImageProcessor, SamProcessor
 
-    low_res = image_size // 2  # what the tiny mask decoder predicts: 4x its 8x8 embedding
+    low_res = 4 * image_size // patch  # what the mask decoder predicts: 4x its embedding, as in SAM
     return SamProcessor(SamImageProcessor(size={"longest_edge": image_size},
                                           pad_size={"height": image_size, "width": image_size},
                                           mask_size={"longest_edge": low_res},
