@@ -201,3 +201,16 @@ def test_a_phrase_without_embedding_and_no_text_encoder_is_one_clear_error(tmp_p
     model.mixtune_folder["text_encoder"] = None
     with pytest.raises(MixtuneError, match="'red circle'.*names no 'text_encoder'"):
         phrase_embeddings(model, ["circle", "red circle"])
+
+
+def test_a_corrupt_image_still_raises_pils_own_error_after_ultralytics_loads(yw_dir, tmp_path):
+    # ultralytics replaces PIL.Image.open on import; mixtune's bad-image checks rely on PIL's error
+    from PIL import Image, UnidentifiedImageError
+
+    from mixtune.models.yolo_world import load_world
+
+    load_world(yw_dir)
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)

@@ -39,6 +39,20 @@ TEXT_WIDTH = 512  # the width every YOLO-World yaml reads (CLIP ViT-B/32's proje
 def require_ultralytics() -> None:
     if importlib.util.find_spec("ultralytics") is None:
         raise MixtuneError(INSTALL)
+    keep_pil_open()
+
+
+def keep_pil_open() -> None:
+    """Undo ultralytics' process-wide replacement of PIL.Image.open (made when ultralytics.utils is imported).
+    Its replacement answers an unreadable image by trying to pip-install pi-heif and raising ModuleNotFoundError
+    instead of PIL's UnidentifiedImageError, which would turn mixtune's bad-image checks (a named error or a
+    counted skip) into a crash, in every later task of the process too."""
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = original
 
 
 def read_folder_config(path: str) -> dict:
