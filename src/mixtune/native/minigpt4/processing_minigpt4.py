@@ -10,11 +10,11 @@ image's vectors at the k-th run of them: the same sequence, in one row of ids. I
 
 from __future__ import annotations
 
-import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 from mixtune.native.minigpt4.configuration_minigpt4 import IMAGE_TOKEN
+from mixtune.native.padding import pad_rows
 
 
 class MiniGPT4Processor(ProcessorMixin):
@@ -68,22 +68,9 @@ class MiniGPT4Processor(ProcessorMixin):
         return BatchFeature(data, tensor_type=None)
 
     def _pad(self, ids: list[list[int]], offsets: list | None) -> dict:
-        width = max((len(x) for x in ids), default=0)
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        left = tok.padding_side == "left"
-        out_ids, masks, out_offsets = [], [], []
-        for i, row in enumerate(ids):
-            fill = width - len(row)
-            out_ids.append([pad_id] * fill + row if left else row + [pad_id] * fill)
-            masks.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
-            if offsets is not None:
-                out_offsets.append([(0, 0)] * fill + offsets[i] if left else offsets[i] + [(0, 0)] * fill)
-        data = {"input_ids": torch.tensor(out_ids, dtype=torch.long),
-                "attention_mask": torch.tensor(masks, dtype=torch.long)}
-        if offsets is not None:
-            data["offset_mapping"] = torch.tensor(out_offsets, dtype=torch.long).reshape(len(ids), width, 2)
-        return data
+        return pad_rows(ids, offsets, pad_id, tok.padding_side == "left")
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 
-import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+
+from mixtune.native.padding import pad_rows
 
 IMG_START, IMG_END = "<img>", "</img>"
 IMAGE_SPAN = re.compile(re.escape(IMG_START) + r".*?" + re.escape(IMG_END), re.DOTALL)
@@ -81,15 +82,7 @@ class VisualGLMProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=None)
 
     def pad(self, ids: list[list[int]]) -> dict:
-        width = max((len(x) for x in ids), default=0)
-        pad_id, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
-        rows, masks = [], []
-        for row in ids:
-            fill = width - len(row)
-            rows.append([pad_id] * fill + row if left else row + [pad_id] * fill)
-            masks.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
-        return {"input_ids": torch.tensor(rows, dtype=torch.long),
-                "attention_mask": torch.tensor(masks, dtype=torch.long)}
+        return pad_rows(ids, None, self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left")
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
