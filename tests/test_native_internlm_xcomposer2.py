@@ -270,3 +270,18 @@ def test_cached_generation_equals_full_recomputation(tiny_model_dir):
             logits = model(input_ids=ids, pixel_values=batch["pixel_values"], use_cache=False).logits
             ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
+
+
+def test_a_4khd_folder_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mixtune.errors import MixtuneError
+
+    folder = golden_checkpoint(tmp_path)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    weights["plora_glb_GN"] = torch.zeros(1, 1, 8)  # the 4KHD variant's tile separators
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MixtuneError, match="4KHD") as caught:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert "\n" not in str(caught.value)

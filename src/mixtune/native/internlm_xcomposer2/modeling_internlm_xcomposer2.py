@@ -14,12 +14,16 @@ bookkeeping of their own.
 
 from __future__ import annotations
 
+import json
+import os
+
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from mixtune.errors import MixtuneError
 from mixtune.native.internlm2.modeling_internlm2 import InternLM2ForCausalLM, InternLM2Model
 from mixtune.native.internlm_xcomposer2.configuration_internlm_xcomposer2 import InternLMXComposer2Config
 from mixtune.native.internlm_xcomposer2.plora import PLoRALinear
@@ -72,6 +76,11 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
     # older transformers saved the CLIP tower's position ids as a buffer: nothing to load
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"vision_model\.embeddings\.position_ids"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        refuse_4khd(str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def __init__(self, config: InternLMXComposer2Config):
         super().__init__(config)
         self.vit = CLIPVisionTower(config.vision_config)
@@ -118,3 +127,32 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
 
 
 __all__ = ["InternLMXComposer2ForCausalLM", "InternLMXComposer2Model"]
+
+
+# internlm-xcomposer2-4khd-7b's high-resolution tile separators: weights this port has no place for
+HD_SEPARATORS = ("plora_glb_GN", "plora_sub_GN")
+
+
+def weight_names(folder: str) -> set[str]:
+    """The weight names a checkpoint folder holds, from its index file or its single safetensors file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return set(json.load(f).get("weight_map", {}))
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    return set()
+
+
+def refuse_4khd(folder: str) -> None:
+    """The 4KHD variant loads into this port's shapes only partly (its tile separators dropped, its 490-px tower
+    mismatched): say so in one line rather than fail on a size mismatch or run without the separators."""
+    if os.path.isdir(folder) and weight_names(folder) & set(HD_SEPARATORS):
+        raise MixtuneError(f"{folder} is InternLM-XComposer2-4KHD (its weights hold {' / '.join(HD_SEPARATORS)}, "
+                           "the high-resolution tile separators): mixtune's port covers internlm-xcomposer2-7b and "
+                           "-vl-7b, not the 4KHD variant")
