@@ -95,6 +95,9 @@ class Family:
     # config.json `architectures` names this family serves: read when a published config.json names no usable
     # `model_type` (THUDM's CogVLM / CogAgent: their remote-code config class declares none)
     architectures: tuple[str, ...] = ()
+    # Optional: called with each model loaded from a checkpoint, to give it what mixtune's tools expect of it
+    # (Grounding DINO: the get_input_embeddings peft asks for). None: nothing to add.
+    after_load: Callable[[Any], None] | None = None
 
 
     @property

@@ -102,6 +102,7 @@ FAMILY = Family(
     requires=("scipy", "pycocotools"),  # the loss's Hungarian matcher; COCO mAP (pip install 'mixtune[detection]')
     auto_class="GroundingDinoForObjectDetection",
     task="detection",
-    lora_targets=LORA_TARGETS,  # peft needs expose_text_embeddings (models/loading.py calls it)
+    lora_targets=LORA_TARGETS,
+    after_load=expose_text_embeddings,  # peft asks for get_input_embeddings
     parts=(("backbone", BACKBONE), ("text_encoder", TEXT_ENCODER), ("encoder_decoder", ENCODER_DECODER)),
 )

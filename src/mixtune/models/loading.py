@@ -51,10 +51,8 @@ def load_model_and_processor(model_name_or_path: str | None, attn_implementation
         model = auto.from_pretrained(model_name_or_path, **kwargs, **given)
     except OSError as e:
         raise MixtuneError(f"cannot load '{model_name_or_path}': {e}") from None
-    if family.name == "grounding_dino":  # what peft asks for and transformers' GroundingDinoModel lacks
-        from mixtune.models.grounding_dino import expose_text_embeddings
-
-        expose_text_embeddings(model)
+    if family.after_load is not None:
+        family.after_load(model)
     return family, model, processor
 
 
