@@ -13,7 +13,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from goldens import decode_weights, write_checkpoint
 
 import mixtune.native.cogvlm  # noqa: F401  (registers model_types "cogvlm" and "cogagent" with transformers)
 from mixtune.native.cogvlm.modeling_cogvlm import build_position_ids, expert_mask
@@ -26,19 +27,7 @@ def golden(kind):
 
 
 def golden_checkpoint(kind, folder) -> str:
-    data = golden(kind)
-    state = {}
-    for name in data.files:
-        if name.startswith("w:"):
-            key = name[2:]
-            value = data[f"offset:{key}"] + data[name].astype(np.float32) * data[f"scale:{key}"]
-            state[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(GOLDEN, kind, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return str(folder)
+    return write_checkpoint(decode_weights(golden(kind)), os.path.join(GOLDEN, kind), folder)
 
 
 def inputs(kind):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from goldens import decode_weights, write_checkpoint
+
 import mixtune.native.internlm_xcomposer2  # noqa: F401  (registers model_type "internlmxcomposer2")
 from mixtune.native.internlm_xcomposer2.plora import PLoRALinear
 
@@ -27,19 +29,7 @@ def golden():
 
 def golden_checkpoint(folder) -> str:
     """A checkpoint folder holding the fixture's weights by their published key names (config.json + safetensors)."""
-    data = golden()
-    state = {}
-    for name in data.files:
-        if name.startswith("w:"):
-            key = name[2:]
-            value = data[f"offset:{key}"] + data[name].astype(np.float32) * data[f"scale:{key}"]
-            state[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(GOLDEN, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return str(folder)
+    return write_checkpoint(decode_weights(golden()), GOLDEN, folder)
 
 
 def inputs(placeholder_id: int):

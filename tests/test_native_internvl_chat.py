@@ -14,7 +14,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from goldens import decode_weights, write_checkpoint
 
 import mixtune.native.internvl_chat  # noqa: F401  (registers model_type "internvl_chat" with transformers)
 
@@ -26,24 +27,12 @@ def golden():
 
 
 def golden_weights(prefix: str = "") -> dict[str, torch.Tensor]:
-    data = golden()
-    state = {}
-    for name in data.files:
-        if name.startswith("w:") and (name[2:].startswith(prefix) if prefix else not name[2:].startswith("qk:")):
-            key = name[2:]
-            value = data[f"offset:{key}"] + data[name].astype(np.float32) * data[f"scale:{key}"]
-            state[key[len(prefix):]] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    return state
+    return decode_weights(golden(), prefix, skip=None if prefix else "qk:")
 
 
 def golden_checkpoint(folder) -> str:
     """A folder as published: config.json (no img_context_token_id) + safetensors by the published key names."""
-    save_file(golden_weights(), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(GOLDEN, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return str(folder)
+    return write_checkpoint(golden_weights(), GOLDEN, folder)
 
 
 def inputs():

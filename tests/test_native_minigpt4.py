@@ -7,13 +7,13 @@ and `mixtune convert --from minigpt4` builds a loadable folder from the released
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from goldens import decode_weights, write_checkpoint
 
 import mixtune.native.minigpt4  # noqa: F401  (registers model_type "minigpt4" with transformers)
 
@@ -25,23 +25,11 @@ def golden():
 
 
 def golden_state() -> dict[str, torch.Tensor]:
-    data = golden()
-    state = {}
-    for name in data.files:
-        if name.startswith("w:"):
-            key = name[2:]
-            value = data[f"offset:{key}"] + data[name].astype(np.float32) * data[f"scale:{key}"]
-            state[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    return state
+    return decode_weights(golden())
 
 
 def golden_checkpoint(folder) -> str:
-    save_file(golden_state(), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(GOLDEN, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return str(folder)
+    return write_checkpoint(golden_state(), GOLDEN, folder)
 
 
 def inputs(model):

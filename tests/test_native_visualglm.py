@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from goldens import decode_weights, write_checkpoint
+
 import mixtune.native.visualglm  # noqa: F401  (registers model_type "chatglm" with transformers)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "visualglm")
@@ -32,14 +34,7 @@ def golden_keys() -> set[str]:
 
 
 def golden_checkpoint(folder) -> str:
-    data = golden()
-    state = {}
-    for key in golden_keys():
-        value = data[f"offset:{key}"] + data[f"w:{key}"].astype(np.float32) * data[f"scale:{key}"]
-        state[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(os.path.join(GOLDEN, "config.json"), os.path.join(folder, "config.json"))
-    return str(folder)
+    return write_checkpoint(decode_weights(golden()), GOLDEN, folder)
 
 
 def inputs():
