@@ -107,3 +107,14 @@ def test_json_output_is_one_document(capsys):
     assert main(["doctor", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)  # nothing an import printed is mixed in
     assert found["core_ok"] and {"gpus", "bf16", "flash_attention_2", "npu"} <= set(found["hardware"])
+
+
+def test_checking_a_package_leaves_pil_open_as_it_was(tmp_path, monkeypatch):
+    # ultralytics replaces PIL.Image.open when imported; a package imported only to check it must not do that
+    from PIL import Image
+
+    (tmp_path / "replaces_pil_open.py").write_text("from PIL import Image\nImage.open = lambda *a, **k: None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = Image.open
+    doctor.import_module("replaces_pil_open")
+    assert Image.open is before

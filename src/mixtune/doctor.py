@@ -46,7 +46,16 @@ HARDWARE_PACKAGES = {"flash-attn": "attn_implementation: flash_attention_2 (and 
 
 
 def import_module(name: str):
-    return importlib.import_module(name)
+    """Imports a package to check it, leaving PIL.Image.open as it was: ultralytics replaces it process-wide on
+    import, and its replacement turns an unreadable image into ModuleNotFoundError (pi_heif) instead of PIL's
+    error, which mixtune's bad-image checks rely on (`mixtune doctor` may run inside another program's process)."""
+    from PIL import Image
+
+    pil_open = Image.open
+    try:
+        return importlib.import_module(name)
+    finally:
+        Image.open = pil_open
 
 
 def installed_version(dist: str) -> str | None:
