@@ -131,12 +131,6 @@ class CogVLMProcessor(ProcessorMixin):
             data["offset_mapping"] = offsets.reshape(len(encoded), width, 2)
         return data
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self):
         names = ["input_ids", "attention_mask", "token_type_ids", "pixel_values"]

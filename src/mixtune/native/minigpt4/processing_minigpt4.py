@@ -72,12 +72,6 @@ class MiniGPT4Processor(ProcessorMixin):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         return pad_rows(ids, offsets, pad_id, tok.padding_side == "left")
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]

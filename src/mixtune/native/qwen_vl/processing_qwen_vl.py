@@ -88,12 +88,6 @@ class QWenVLProcessor(ProcessorMixin):
     def _pad(self, ids: list[list[int]], offsets: list | None) -> dict:
         return pad_rows(ids, offsets, self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side == "left")
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]

@@ -84,12 +84,6 @@ class VisualGLMProcessor(ProcessorMixin):
     def pad(self, ids: list[list[int]]) -> dict:
         return pad_rows(ids, None, self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left")
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
